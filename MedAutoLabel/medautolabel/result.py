@@ -1,0 +1,66 @@
+"""What a labelling run returns: a labelmap on the input grid, per-segment facts, tags, provenance."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+from .image import Image
+
+
+@dataclass
+class Code:
+    """One coded concept, e.g. ``Code("SCT", "59820001", "Blood vessel")``."""
+
+    scheme: str
+    value: str
+    meaning: str
+
+
+@dataclass
+class Terminology:
+    """DICOM/Slicer terminology of a segment: category and type (SNOMED-CT), optional modifier/region."""
+
+    category: Code
+    type: Code
+    type_modifier: Optional[Code] = None
+    anatomic_region: Optional[Code] = None
+
+
+@dataclass
+class SegmentInfo:
+    label_value: int
+    name: str
+    color: Tuple[float, float, float]  # 0..1 RGB
+    terminology: Terminology
+    voxel_count: int = 0
+    volume_ml: float = 0.0
+    mean_confidence: float = 0.0  # mean winning-class probability over the segment's voxels
+    low_confidence: bool = False  # mean_confidence below the model card's threshold
+
+
+@dataclass
+class Classification:
+    """An image-level finding, e.g. task "aneurysm": label "present", probability 0.93."""
+
+    task: str
+    label: str
+    probability: float  # probability of ``label``
+    probabilities: Dict[str, float] = field(default_factory=dict)  # every class of the task
+    low_confidence: bool = False
+
+
+@dataclass
+class Result:
+    labelmap: Image  # uint8 label values on the input image's own grid
+    segments: List[SegmentInfo]
+    classifications: List[Classification] = field(default_factory=list)
+    provenance: Dict[str, Any] = field(default_factory=dict)
+
+    def facts(self) -> Dict[str, Any]:
+        """JSON-ready summary (no voxels): what ``<stem>.tags.json`` holds."""
+        return {
+            "classifications": [asdict(c) for c in self.classifications],
+            "segments": [asdict(s) for s in self.segments],
+            "provenance": self.provenance,
+        }
