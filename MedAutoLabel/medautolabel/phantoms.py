@@ -272,15 +272,25 @@ def _random_look(rng: np.random.Generator) -> Look:
 
 
 def render(seed: int, shape_kji: Sequence[int], ijk_to_ras: np.ndarray,
-           with_aneurysm: Optional[bool] = None) -> Phantom:
-    """Render the phantom of ``seed`` onto a grid. The field of view is the grid's extent."""
-    rng = np.random.default_rng(seed)
+           with_aneurysm: Optional[bool] = None, centre: Optional[Sequence[float]] = None,
+           half_fov: Optional[float] = None) -> Phantom:
+    """Render the phantom of ``seed`` onto a grid.
+
+    The anatomy depends only on the seed, ``centre`` and ``half_fov`` (RAS mm; by default the grid's
+    centre and half extent), never on the grid itself: the same arguments on two grids draw the
+    same structures at the same physical places. Texture and noise are drawn per grid.
+    """
+    rng = np.random.default_rng(seed)  # anatomy and look
+    tex = np.random.default_rng([seed, 1])  # grid-sized random fields
     grid = Grid(shape_kji, ijk_to_ras)
     corners = np.array([[i, j, k] for i in (0, shape_kji[2] - 1) for j in (0, shape_kji[1] - 1)
                         for k in (0, shape_kji[0] - 1)], dtype=np.float64)
     ras_corners = corners @ grid.m[:3, :3].T + grid.m[:3, 3]
-    centre = ras_corners.mean(axis=0)
-    half_fov = float(np.abs(ras_corners - centre).max())
+    if centre is None:
+        centre = ras_corners.mean(axis=0)
+    centre = np.asarray(centre, dtype=np.float64)
+    if half_fov is None:
+        half_fov = float(np.abs(ras_corners - centre).max())
     # Anatomy is drawn around the origin, then shifted to the grid's centre.
     shift = centre
     look = _random_look(rng)
@@ -293,13 +303,13 @@ def render(seed: int, shape_kji: Sequence[int], ijk_to_ras: np.ndarray,
         return Tube(t.points + shift, t.radii)
 
     # Soft-tissue background: a smooth random mix of muscle and fat with texture.
-    field = ndimage.gaussian_filter(rng.normal(size=grid.shape).astype(np.float32),
+    field = ndimage.gaussian_filter(tex.normal(size=grid.shape).astype(np.float32),
                                     sigma=rng.uniform(4, 10) / grid.spacing[::-1])
     field /= field.std() + 1e-6
     fat_frac = np.clip((field - rng.uniform(0.2, 1.2)) * 1.5 + 0.5, 0, 1).astype(np.float32)
     hu = np.full(grid.shape, look.muscle, dtype=np.float32)
     _paint(hu, fat_frac, look.fat)
-    hu += ndimage.gaussian_filter(rng.normal(size=grid.shape).astype(np.float32), 1.5) * rng.uniform(3, 15)
+    hu += ndimage.gaussian_filter(tex.normal(size=grid.shape).astype(np.float32), 1.5) * rng.uniform(3, 15)
 
     # Body outline with subcutaneous fat and air outside (half of the cases).
     if rng.random() < 0.5:
@@ -356,7 +366,7 @@ def render(seed: int, shape_kji: Sequence[int], ijk_to_ras: np.ndarray,
             bone_inner.add_tube(shifted(rib), extra=-rng.uniform(0.8, 1.5))
     marrow = look.trabecular if rng.random() < 0.7 else rng.uniform(-60, 60)
     _paint(hu, bone_outer.frac, look.cortical)
-    _paint(hu, bone_inner.frac, marrow + rng.normal(0, 40, size=grid.shape).astype(np.float32) * 0.5)
+    _paint(hu, bone_inner.frac, marrow + tex.normal(0, 40, size=grid.shape).astype(np.float32) * 0.5)
 
     # Heart-chamber-like contrast pool with a muscular wall (not vessel) in some cases.
     if rng.random() < 0.15:
@@ -394,7 +404,7 @@ def render(seed: int, shape_kji: Sequence[int], ijk_to_ras: np.ndarray,
         nerve.add_tube(tube)
         sheath_canvas.add_tube(tube, extra=sheath)
     _paint(hu, sheath_canvas.frac, look.fat)
-    _paint(hu, nerve.frac, look.nerve + rng.normal(0, 4, size=grid.shape).astype(np.float32))
+    _paint(hu, nerve.frac, look.nerve + tex.normal(0, 4, size=grid.shape).astype(np.float32))
 
     vessel = canvas()
     by_level = {}
@@ -439,7 +449,7 @@ def render(seed: int, shape_kji: Sequence[int], ijk_to_ras: np.ndarray,
     # Scanner: blur (point spread, anisotropic), then noise (slightly correlated).
     sigma_vox = look.blur_mm[::-1] / grid.spacing[::-1]
     hu = ndimage.gaussian_filter(hu, sigma=sigma_vox)
-    noise = rng.normal(size=grid.shape).astype(np.float32)
+    noise = tex.normal(size=grid.shape).astype(np.float32)
     noise = ndimage.gaussian_filter(noise, 0.6) * 1.8
     hu += noise * look.noise
 
