@@ -43,6 +43,9 @@ class Preprocessing:
     orientation: Optional[str] = "RAS"  # nibabel/MONAI axis codes of the network grid's (i, j, k) axes
     spacing: Optional[Tuple[float, float, float]] = None  # mm along the network grid's i, j, k
     crop_foreground: Optional[CropForeground] = None
+    # order of the network tensor's spatial axes: "kji" (the engine's/Slicer's array order, as the
+    # built-in model is trained) or "ijk" (nibabel/MONAI order, as MONAI bundles expect)
+    axis_order: str = "kji"
 
 
 @dataclass
@@ -162,6 +165,7 @@ class ModelCard:
                 "spacing": _lst(pre.spacing),
                 "crop_foreground": None if pre.crop_foreground is None else {
                     "threshold": pre.crop_foreground.threshold, "margin_mm": pre.crop_foreground.margin_mm},
+                "axis_order": pre.axis_order,
             },
             "network": _drop_none({"architecture": self.network.architecture,
                                    "parameters": dict(self.network.parameters),
@@ -326,7 +330,7 @@ def _parse_card(c: _Ctx, data: Any) -> ModelCard:
 
     channels = _parse_input(c, c.obj(c.get(d, "input", ""), "input", ["channels"]), modality)
     pre = _parse_preprocessing(c, c.obj(c.get(d, "preprocessing", "", {}), "preprocessing",
-                                        ["orientation", "spacing", "crop_foreground"]))
+                                        ["orientation", "spacing", "crop_foreground", "axis_order"]))
     net = _parse_network(c, c.obj(c.get(d, "network", ""), "network",
                                   ["architecture", "parameters", "weights", "sha256"]))
     inf = _parse_inference(c, c.obj(c.get(d, "inference", ""), "inference",
@@ -404,10 +408,14 @@ def _parse_preprocessing(c: _Ctx, d: Dict[str, Any]) -> Preprocessing:
         e = c.obj(d["crop_foreground"], f"{w}.crop_foreground", ["threshold", "margin_mm"])
         crop = CropForeground(c.number(e, "threshold", f"{w}.crop_foreground"),
                               c.number(e, "margin_mm", f"{w}.crop_foreground", 10.0, lo=0.0, hi=1e4))
+    order = c.text(d, "axis_order", w, "kji")
+    if order not in ("kji", "ijk"):
+        raise c.fail(f"{w}.axis_order", f"expected \"kji\" or \"ijk\", got {_short(order)}")
     return Preprocessing(
         orientation=_parse_orientation(c, d.get("orientation", "RAS")),
         spacing=c.numbers(d, "spacing", w, 3, "numbers > 0 (mm)", None, check=lambda x: x > 0),
         crop_foreground=crop,
+        axis_order=order,
     )
 
 
