@@ -6,11 +6,16 @@ import numpy as np
 import pytest
 import torch
 from cardfactory import GRIDS, card_dict, grid, ras_coords
-from nibabel.orientations import aff2axcodes
-
 from medautolabel.image import Image
 from medautolabel.modelcard import ModelCard
-from medautolabel.preprocess import foreground_box, preprocess, reorient, resample, to_input_grid
+from medautolabel.preprocess import (
+    foreground_box,
+    preprocess,
+    reorient,
+    resample,
+    to_input_grid,
+)
+from nibabel.orientations import aff2axcodes
 
 torch.set_num_threads(1)
 WINDOW = [-3000.0, 3000.0]  # wide enough that the ramps below are never clipped
@@ -51,9 +56,8 @@ def test_ramp_comes_back_on_the_same_voxels(name):
     # network voxels hold the ramp at their own RAS position (inside the input's extent)
     net = prep.tensor[0, 0].numpy()
     expected_net = (ramp(ras_coords(prep.net_shape, prep.net_ijk_to_ras)) - WINDOW[0]) / (WINDOW[1] - WINDOW[0])
-    inside = np.all((lambda ijk: (ijk > 0.5) & (ijk < np.array(shape[::-1]) - 1.5))(
-        Image(values, m).ras_to_ijk_points(ras_coords(prep.net_shape, prep.net_ijk_to_ras).reshape(-1, 3))
-    ), axis=1).reshape(prep.net_shape)
+    in_input = Image(values, m).ras_to_ijk_points(ras_coords(prep.net_shape, prep.net_ijk_to_ras).reshape(-1, 3))
+    inside = np.all((in_input > 0.5) & (in_input < np.array(shape[::-1]) - 1.5), axis=1).reshape(prep.net_shape)
     assert inside.sum() > 0.3 * inside.size
     np.testing.assert_allclose(net[inside], expected_net[inside], atol=2e-6)
 
@@ -117,7 +121,8 @@ def test_resample_handles_rotated_grids():
     dst_shape, dst = grid("oblique-anisotropic")
     dst = dst.copy()
     dst[:3, :3] *= 0.5  # keep the target well inside the source
-    dst[:3, 3] = m[:3, 3] + m[:3, :3] @ ((np.array(shape[::-1]) - 1) / 2) - dst[:3, :3] @ ((np.array(dst_shape[::-1]) - 1) / 2)
+    centre = m[:3, 3] + m[:3, :3] @ ((np.array(shape[::-1]) - 1) / 2)
+    dst[:3, 3] = centre - dst[:3, :3] @ ((np.array(dst_shape[::-1]) - 1) / 2)
     out = resample(values, m, dst_shape, dst)
     np.testing.assert_allclose(out, ramp(ras_coords(dst_shape, dst)), atol=2e-3)
 

@@ -16,7 +16,7 @@ from .errors import ModelError
 from .result import Code, Terminology
 
 FORMAT = "medautolabel-model/1"
-ARCHITECTURES = ("UNet", "SegResNet", "DynUNet", "BasicUNet")
+ARCHITECTURES = ("UNet", "SegResNet", "DynUNet", "BasicUNet", "TorchScript")  # TorchScript: the weights are the network
 MODALITIES = ("CT", "MR", "PT", "US", "XA", "OTHER")
 _AXIS_PAIRS = ({"R", "L"}, {"A", "P"}, {"S", "I"})
 

@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import threading
+import warnings
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -51,7 +52,7 @@ def build_network(card: ModelCard) -> torch.nn.Module:
     from monai.networks import nets
 
     arch = card.network.architecture
-    cls = getattr(nets, arch, None)
+    cls = None if arch == "TorchScript" else getattr(nets, arch, None)
     if cls is None:
         raise ModelError(f"field 'network.architecture': {arch!r} is not in this MONAI version", card.path)
     try:
@@ -103,9 +104,14 @@ def clear_cache() -> None:
 
 
 def _load_uncached(card: ModelCard, path: Path, device: torch.device) -> torch.nn.Module:
-    if is_torchscript(path):
+    if card.network.architecture == "TorchScript" or is_torchscript(path):
+        if not is_torchscript(path):
+            raise ModelError("the model card says TorchScript but the weights file is not a TorchScript archive",
+                             path)
         try:
-            return torch.jit.load(str(path), map_location=device)
+            with warnings.catch_warnings():  # torch >= 2.9 flags TorchScript as deprecated; it still works
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return torch.jit.load(str(path), map_location=device)
         except Exception as e:  # noqa: BLE001 - any failure here means a damaged archive
             raise ModelError(f"cannot load TorchScript weights ({_one_line(e)})", path) from None
     state = read_state_dict(path, device)
@@ -133,7 +139,7 @@ def read_state_dict(path: Union[str, Path], device: Union[str, torch.device] = "
         raise ModelError("refused: the weights file needs unpickling arbitrary Python objects, which could run "
                          "code; save a state dict (torch.save(net.state_dict(), ...)) or TorchScript instead",
                          path) from None
-    except Exception as e:  # noqa: BLE001 - truncated/foreign files raise many different errors
+    except Exception as e:  # noqa: BLE001 - truncated/foreign files raise many errors
         raise ModelError(f"cannot read the weights (damaged or not a PyTorch file: {_one_line(e)})",
                          path) from None
     return _unwrap_state_dict(obj, path)

@@ -117,7 +117,7 @@ def resampled_grid(shape_kji: Sequence[int], ijk_to_ras: np.ndarray,
     new_sp = np.asarray(spacing_ijk, dtype=np.float64)
     n_old = np.asarray(shape_kji[::-1], dtype=np.float64)  # i, j, k
     extent = (n_old - 1) * old_sp
-    n_new = np.array([int(math.ceil(e / s - 1e-6)) + 1 for e, s in zip(extent, new_sp)])
+    n_new = np.array([math.ceil(e / s - 1e-6) + 1 for e, s in zip(extent, new_sp)])
     start_mm = (extent - (n_new - 1) * new_sp) / 2.0  # <= 0: the new grid starts before the old one
     m = np.eye(4)
     m[:3, :3] = (ijk_to_ras[:3, :3] / old_sp) * new_sp
@@ -173,13 +173,14 @@ def preprocess(image: Image, card: ModelCard) -> Prepared:
         raise InputError(f"expected a 3D image, got shape {array.shape}")
     if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
         raise InputError(f"expected real-valued voxels, got {array.dtype}")
-    if not np.isfinite(np.linalg.det(image.ijk_to_ras[:3, :3])) or abs(np.linalg.det(image.ijk_to_ras[:3, :3])) < 1e-12:
+    det = np.linalg.det(image.ijk_to_ras[:3, :3])
+    if not np.isfinite(det) or abs(det) < 1e-12:
         raise InputError("the image geometry is degenerate (zero voxel size or collinear axes)")
     pre = card.preprocessing
     full: Box = (slice(0, array.shape[0]), slice(0, array.shape[1]), slice(0, array.shape[2]))
     box: Optional[Box] = None
     if pre.crop_foreground is not None:
-        margin = [int(math.ceil(pre.crop_foreground.margin_mm / s)) for s in image.spacing[::-1]]
+        margin = [math.ceil(pre.crop_foreground.margin_mm / s) for s in image.spacing[::-1]]
         box = foreground_box(array, pre.crop_foreground.threshold, margin)
     box = box or full  # nothing above the threshold: keep everything rather than guess
     values = array[box]

@@ -1,0 +1,106 @@
+"""Sliding-window inference with progress, cancellation, AMP on CUDA and out-of-memory fallback."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from .device import autocast, empty_cache, is_out_of_memory
+from .errors import Cancelled, MedAutoLabelError
+from .modelcard import InferenceSpec
+
+ProgressFn = Callable[[float], None]
+CancelFn = Callable[[], bool]
+WarnFn = Callable[[str], None]
+
+
+def window_count(image_size: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
+    """How many windows MONAI's ``sliding_window_inference`` visits (for progress reporting).
+
+    The scan interval follows monai.inferers.utils._get_scan_interval (private, so restated here);
+    the window enumeration is MONAI's public ``dense_patch_slices``.
+    """
+    from monai.data.utils import dense_patch_slices
+
+    size = [max(int(s), int(r)) for s, r in zip(image_size, roi_size)]
+    interval = [r if r == s else max(int(r * (1 - overlap)), 1) for s, r in zip(size, roi_size)]
+    return len(dense_patch_slices(size, list(roi_size), interval))
+
+
+def sliding_window(network: torch.nn.Module, tensor: torch.Tensor, spec: InferenceSpec,
+                   device: torch.device, sw_batch_size: Optional[int] = None,
+                   output_device: Optional[torch.device] = None, progress: Optional[ProgressFn] = None,
+                   cancel: Optional[CancelFn] = None) -> torch.Tensor:
+    """One sliding-window pass: (1, C_in, *spatial) -> (C_out, *spatial) float32 on ``output_device``.
+
+    ``cancel`` is checked before every window batch (raises Cancelled); ``progress`` gets the
+    fraction of window batches done, ending at 1.0.
+    """
+    from monai.inferers import sliding_window_inference
+
+    batch = int(sw_batch_size or spec.sw_batch_size)
+    roi = [int(r) for r in spec.roi_size]
+    total = max(math.ceil(window_count(tensor.shape[2:], roi, spec.overlap) / batch), 1)
+    done = [0]
+
+    def predictor(windows: torch.Tensor) -> torch.Tensor:
+        if cancel is not None and cancel():
+            raise Cancelled()
+        with autocast(device):
+            out = network(windows)
+        if isinstance(out, (list, tuple)):  # deep-supervision networks return several heads
+            out = out[0]
+        done[0] += 1
+        if progress is not None:
+            progress(min(done[0] / total, 1.0))
+        return out.float()
+
+    with torch.inference_mode():
+        out = sliding_window_inference(
+            tensor, roi, batch, predictor, overlap=spec.overlap, mode=spec.blend,
+            sw_device=device, device=output_device or device)
+    return out[0].float()
+
+
+def infer(network: torch.nn.Module, tensor: torch.Tensor, spec: InferenceSpec, device: torch.device,
+          progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
+          warn: Optional[WarnFn] = None,
+          load_on: Optional[Callable[[torch.device], torch.nn.Module]] = None) -> Tuple[torch.Tensor, str]:
+    """Run the sliding window, retrying after a GPU out-of-memory error.
+
+    Fallback order: halve the window batch down to 1, then keep the stitched output on the CPU,
+    then run entirely on the CPU (``load_on(cpu)`` gives the network there). Each step is
+    announced through ``warn``. Returns the (C, *spatial) float32 CPU tensor and the device used.
+    """
+    plans: List[Tuple[torch.device, int, torch.device]] = []
+    batch = spec.sw_batch_size
+    while True:
+        plans.append((device, batch, device))
+        if batch == 1:
+            break
+        batch = max(batch // 2, 1)
+    if device.type != "cpu":
+        cpu = torch.device("cpu")
+        plans += [(device, 1, cpu), (cpu, spec.sw_batch_size, cpu)]
+    net = network
+    for n, (sw_dev, batch, out_dev) in enumerate(plans):
+        if sw_dev.type == "cpu" and device.type != "cpu":
+            net = load_on(sw_dev) if load_on is not None else network.to(sw_dev)
+        try:
+            out = sliding_window(net, tensor, spec, sw_dev, batch, out_dev, progress, cancel)
+            return out.cpu(), str(sw_dev)
+        except Exception as e:  # only out-of-memory errors are retried
+            if not is_out_of_memory(e) or n == len(plans) - 1:
+                if is_out_of_memory(e):
+                    raise MedAutoLabelError("out of memory even with the smallest window batch on the CPU; "
+                                            "close other programs or use a smaller image") from None
+                raise
+            empty_cache(sw_dev)
+            nxt = plans[n + 1]
+            if warn is not None:
+                where = "the CPU" if nxt[0].type == "cpu" else f"{nxt[0]} (output kept on {nxt[2]})"
+                warn(f"out of memory on {sw_dev} with {batch} window(s) per batch; "
+                     f"retrying with {nxt[1]} on {where}")
+    raise AssertionError("unreachable")
