@@ -305,6 +305,8 @@ def _kind(v: Any) -> str:
         return "nothing"
     if isinstance(v, bool):
         return "true/false"
+    if v == [] or v == {}:
+        return "an empty list" if v == [] else "an empty object"
     return {dict: "an object", list: "a list", str: f"the string {_short(v)}"}.get(type(v), _short(v))
 
 

@@ -1,0 +1,96 @@
+"""Device choice, sliding-window progress/cancel, and the out-of-memory fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medautolabel.device import DeviceError, autocast, is_out_of_memory, select_device
+from medautolabel.errors import Cancelled
+from medautolabel.inference import infer, sliding_window, window_count
+from medautolabel.modelcard import InferenceSpec
+
+torch.set_num_threads(1)
+CPU = torch.device("cpu")
+
+
+class Doubler(torch.nn.Module):
+    """Counts window batches; output = 2 * input, so stitching must give back exactly 2 * input."""
+
+    def __init__(self, oom_above: int = 0) -> None:
+        super().__init__()
+        self.batches = []
+        self.oom_above = oom_above
+
+    def forward(self, x):
+        if self.oom_above and x.shape[0] > self.oom_above:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        self.batches.append(x.shape[0])
+        return torch.cat([2 * x, -x], dim=1)
+
+
+def test_select_device():
+    assert select_device("auto").type in ("cuda", "mps", "cpu")
+    assert select_device("CPU") == CPU
+    with pytest.raises(DeviceError, match="unknown device 'tpu'"):
+        select_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="no CUDA GPU found"):
+            select_device("cuda")
+        assert select_device("auto") != torch.device("cuda")
+
+
+def test_autocast_only_on_cuda():
+    with autocast(CPU):
+        assert not torch.is_autocast_enabled()
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert not is_out_of_memory(RuntimeError("shapes do not match"))
+
+
+@pytest.mark.parametrize("size,roi,overlap,batch", [((40, 30, 20), (16, 16, 16), 0.25, 3),
+                                                    ((10, 50, 16), (16, 16, 16), 0.5, 1),
+                                                    ((16, 16, 16), (16, 16, 16), 0.25, 2)])
+def test_progress_counts_every_window_batch(size, roi, overlap, batch):
+    net = Doubler()
+    x = torch.rand((1, 1) + size)
+    seen = []
+    out = sliding_window(net, x, InferenceSpec(roi, overlap, batch, "gaussian"), CPU, progress=seen.append)
+    torch.testing.assert_close(out, torch.cat([2 * x, -x], dim=1)[0])
+    assert sum(net.batches) == window_count(size, roi, overlap)
+    assert len(seen) == len(net.batches) and seen[-1] == 1.0
+    assert seen == sorted(seen)
+
+
+def test_cancel_is_checked_before_each_window_batch():
+    net = Doubler()
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(Cancelled):
+        sliding_window(net, torch.rand(1, 1, 48, 48, 48), InferenceSpec((16, 16, 16), 0.25, 2), CPU, cancel=cancel)
+    assert len(net.batches) == 2
+
+
+def test_out_of_memory_halves_the_window_batch_with_a_message():
+    net = Doubler(oom_above=1)
+    messages = []
+    x = torch.rand(1, 1, 40, 20, 20)
+    out, used = infer(net, x, InferenceSpec((16, 16, 16), 0.25, 4), CPU, warn=messages.append)
+    torch.testing.assert_close(out, torch.cat([2 * x, -x], dim=1)[0])
+    assert used == "cpu" and set(net.batches) == {1}
+    assert len(messages) == 2 and "out of memory on cpu with 4 window(s) per batch; retrying with 2" in messages[0]
+
+
+def test_other_errors_are_not_retried():
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise ValueError("boom")
+
+    messages = []
+    with pytest.raises(ValueError, match="boom"):
+        infer(Broken(), torch.rand(1, 1, 16, 16, 16), InferenceSpec((16, 16, 16), 0.25, 4), CPU,
+              warn=messages.append)
+    assert messages == []
