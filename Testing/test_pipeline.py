@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from cardfactory import card_dict, grid, ras_coords, write_card
+from cardfactory import GRIDS, card_dict, grid, ras_coords, write_card
 from medautolabel import network as network_module
 from medautolabel.device import DeviceError
 from medautolabel.errors import Cancelled, InputError
@@ -87,7 +87,7 @@ def phantom(aneurysm: bool = False, speck: bool = True, name: str = "oblique-ani
     return Image(np.rint(hu).astype(np.int16), m, {"modality": "CT"})
 
 
-@pytest.mark.parametrize("grid_name", ["oblique-anisotropic", "oblique-permuted-flipped"])
+@pytest.mark.parametrize("grid_name", sorted(GRIDS))
 def test_sphere_lands_on_the_right_voxels(model_dir, grid_name):
     image = phantom(name=grid_name)
     result = label_image(image, str(model_dir), device="cpu")

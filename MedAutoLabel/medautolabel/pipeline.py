@@ -112,6 +112,7 @@ def label_image(image: Image, model: Union[str, Path, ModelCard], device: str = 
                          progress=lambda f: report("inference", f), cancel=cancel, warn=warn,
                          load_on=lambda d: load_network(card, d))
     t = timed("inference", t)
+    prepared.tensor = prepared.tensor.new_empty(0)  # free the input tensor: only its geometry is needed now
     check_cancel()
 
     report("postprocessing", 0.0)
