@@ -85,7 +85,7 @@ def test_outside_the_crop_is_background():
     crop = (slice(2, 8), slice(3, 9), slice(4, 12))
     logits = torch.zeros((4, 6, 6, 8))
     logits[1] = 5.0  # everything in the crop is vessel
-    lab, segs = postprocess(logits, prepared(crop), card())
+    lab, _ = postprocess(logits, prepared(crop), card())
     expect = np.zeros(SHAPE, np.uint8)
     expect[crop] = 1
     np.testing.assert_array_equal(lab.array, expect)
