@@ -168,16 +168,16 @@ def test_progress_is_monotone_from_0_to_1(model_dir):
 
 
 def test_cancel_stops_within_one_window_batch(model_dir):
-    batches = []
+    reports = []  # inference-stage progress: one report at the stage start, then one per window batch
 
     def progress(fraction, stage):
-        if stage == "inference" and fraction > 0:
-            batches.append(fraction)
+        if stage == "inference":
+            reports.append(fraction)
 
     with pytest.raises(Cancelled):
-        label_image(phantom(), model_dir, device="cpu", progress=progress, cancel=lambda: len(batches) >= 2)
-    assert len(batches) == 2  # not one more window batch ran after cancel() said yes
-    assert batches[-1] < 0.5
+        label_image(phantom(), model_dir, device="cpu", progress=progress, cancel=lambda: len(reports) >= 3)
+    assert len(reports) == 3  # two window batches ran; none started after cancel() said yes
+    assert reports[-1] < 0.5
 
 
 def test_forced_cuda_without_gpu_is_a_clear_error(model_dir):
