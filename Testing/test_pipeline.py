@@ -177,7 +177,7 @@ def test_cancel_stops_within_one_window_batch(model_dir):
     with pytest.raises(Cancelled):
         label_image(phantom(), model_dir, device="cpu", progress=progress, cancel=lambda: len(reports) >= 3)
     assert len(reports) == 3  # two window batches ran; none started after cancel() said yes
-    assert reports[-1] < 0.5
+    assert reports[-1] < 0.9  # the inference stage (up to 0.92) was not finished
 
 
 def test_forced_cuda_without_gpu_is_a_clear_error(model_dir):
