@@ -1,0 +1,262 @@
+"""The training config: a JSON (or YAML, if PyYAML is installed) file merged over defaults.
+
+Every section is a dataclass; unknown keys are errors naming the file and the key, so that a typo
+is never silently ignored. What the model card needs (labels, input channels, preprocessing,
+network) is validated once more by ``ModelCard.from_dict`` when the output card is assembled
+(``medautolabel.training.export.build_card``). The format is documented in docs/training.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+from ..errors import MedAutoLabelError
+
+# Two CT windows: soft tissue, and a wide one that keeps dense contrast distinct from bone.
+DEFAULT_CT_CHANNELS = [{"name": "soft tissue", "window": [-150.0, 350.0]},
+                       {"name": "wide", "window": [-200.0, 1800.0]}]
+DEFAULT_MR_CHANNELS = [{"name": "intensity", "percentiles": [0.5, 99.5]}]
+
+
+class ConfigError(MedAutoLabelError):
+    """A training config (or a dataset description) that cannot be used as written."""
+
+
+@dataclass
+class ModelInfo:
+    """Identity of the trained model (model.json top level)."""
+
+    id: str = "my-model"
+    name: Optional[str] = None  # default: the id
+    version: str = "1.0.0"
+    description: str = ""
+    modality: Optional[str] = None  # default: dataset.json modality, else the base model's, else CT
+    low_confidence_threshold: float = 0.5
+
+
+@dataclass
+class Optimizer:
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+
+
+@dataclass
+class Schedule:
+    name: str = "cosine"  # "cosine" (after a linear warm-up) or "constant"
+    warmup_iterations: int = 200
+    min_lr: float = 0.0
+
+
+@dataclass
+class Validation:
+    interval: int = 1  # epochs between validations
+    fraction: float = 0.2  # share of cases held out (at least one), fixed by the seed
+    max_cases: Optional[int] = None
+    roi_size: Optional[List[int]] = None  # sliding window; default: the patch size
+    overlap: float = 0.25
+    sw_batch_size: int = 1
+
+
+@dataclass
+class Augmentation:
+    crop: str = "pos_neg"  # "pos_neg" (RandCropByPosNegLabel-style) or "classes" (RandCropByLabelClasses-style)
+    pos: float = 1.0  # pos_neg: relative weight of crops centred on foreground
+    neg: float = 1.0
+    class_ratios: Optional[List[float]] = None  # classes: one weight per channel, background first
+    flip: bool = True  # random flips along each axis
+    rotate90: bool = True  # random quarter turns in the tensor's last two axes
+    rotate_degrees: float = 15.0  # random small rotations (0: off)
+    rotate_prob: float = 0.2
+    intensity_scale: float = 0.1  # channel values * (1 + U(-s, s))
+    intensity_shift: float = 0.05  # channel values + U(-s, s)
+    intensity_prob: float = 0.5
+    noise_std: float = 0.02  # Gaussian noise on the normalised channels (0: off)
+    noise_prob: float = 0.2
+    bias_field: bool = True  # smooth multiplicative bias field (MR-like shading)
+    bias_field_prob: float = 0.15
+
+
+@dataclass
+class Classification:
+    """How image-level classes are trained (multiple-instance learning; docs/training.md)."""
+
+    weight: float = 0.5  # classification loss weight
+    interval: int = 1  # one positive + one negative case every this many iterations
+    crop_size: List[int] = field(default_factory=lambda: [128, 128, 128])  # largest bag (whole case if smaller)
+    smoothing_mm: float = 1.0  # written to the card; the same Gaussian is used in the training loss
+
+
+@dataclass
+class Cache:
+    path: Optional[str] = None  # default: <user cache>/medautolabel/training/<dataset hash>.h5
+    in_memory: str = "auto"  # "auto" (if it fits in memory_gb), "yes" or "no" (stream crops from disk)
+    memory_gb: float = 4.0
+    compression: str = "gzip"  # "gzip", "lzf" or "none"
+    max_indices_per_class: int = 20000  # crop centres remembered per class and case
+
+
+@dataclass
+class TrainConfig:
+    model: ModelInfo = field(default_factory=ModelInfo)
+    # labels: [{"name", "value"?, "color"?, "terminology"?, "postprocessing"?}]; matched by name to the
+    # dataset's labels; null: the dataset's labels (and the base model's, when fine-tuning)
+    labels: Optional[List[Dict[str, Any]]] = None
+    input: Optional[Dict[str, Any]] = None  # {"channels": [...]} as in model.json; null: by modality
+    preprocessing: Dict[str, Any] = field(default_factory=lambda: {
+        "orientation": "RAS", "spacing": [1.0, 1.0, 1.0], "crop_foreground": None, "axis_order": "kji"})
+    network: Dict[str, Any] = field(default_factory=lambda: {
+        "architecture": "UNet",
+        "parameters": {"spatial_dims": 3, "channels": [16, 32, 64, 128, 256], "strides": [2, 2, 2, 2],
+                       "num_res_units": 2, "norm": "instance"}})
+    patch_size: List[int] = field(default_factory=lambda: [64, 64, 64])
+    batch_size: int = 2
+    epochs: int = 100
+    iterations_per_epoch: int = 250
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    schedule: Schedule = field(default_factory=Schedule)
+    validation: Validation = field(default_factory=Validation)
+    early_stopping_patience: int = 20  # validations without a better mean Dice; 0: never stop early
+    seed: int = 0
+    augmentation: Augmentation = field(default_factory=Augmentation)
+    classification: Classification = field(default_factory=Classification)
+    cache: Cache = field(default_factory=Cache)
+    workers: int = 0  # data-loading processes per rank (0: in the training process)
+    amp: bool = True  # mixed precision on CUDA (ignored on the CPU)
+    threads: Optional[int] = None  # torch CPU threads (null: torch's default)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_type(value: Any, default: Any, where: str, path: Optional[Path]) -> Any:
+    """Loose type check against the default's type (ints are accepted where floats are expected)."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(f"key '{where}': expected {type(default).__name__}, got {json.dumps(value)[:40]}", path)
+    return value
+
+
+def _build(cls: Any, data: Any, where: str, path: Optional[Path]) -> Any:
+    """A dataclass instance from a dict: defaults for missing keys, errors for unknown ones."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"key '{where or '(top level)'}': expected an object", path)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"key '{(where + '.') if where else ''}{key}': unknown (expected one of: "
+                              f"{', '.join(fields)})", path)
+    default = cls()
+    kwargs = {}
+    for name in fields:
+        sub = f"{where}.{name}" if where else name
+        dflt = getattr(default, name)
+        if name not in data:
+            continue
+        if dataclasses.is_dataclass(dflt):
+            kwargs[name] = _build(type(dflt), data[name], sub, path)
+        else:
+            kwargs[name] = _check_type(data[name], dflt, sub, path)
+    return cls(**kwargs)
+
+
+def read_config_file(path: Union[str, Path]) -> Dict[str, Any]:
+    """Parse a JSON or YAML config file into a dict."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read the config ({type(e).__name__})", path) from None
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError("a YAML config needs PyYAML (pip install pyyaml); or write it as JSON", path) from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"not valid YAML ({' '.join(str(e).split())[:200]})", path) from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})", path) from None
+    return data if data is not None else {}
+
+
+def load_config(source: Union[None, str, Path, Dict[str, Any]] = None,
+                overrides: Optional[Dict[str, Any]] = None) -> TrainConfig:
+    """The config from a file path, a dict, or None (all defaults); ``overrides`` are top-level keys."""
+    path = None
+    if source is None:
+        data: Dict[str, Any] = {}
+    elif isinstance(source, dict):
+        data = dict(source)
+    else:
+        path = Path(source)
+        data = read_config_file(path)
+    data.pop("$schema", None)
+    data.pop("comment", None)
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    cfg = _build(TrainConfig, data, "", path)
+    validate(cfg, path)
+    return cfg
+
+
+def validate(cfg: TrainConfig, path: Optional[Path] = None) -> None:
+    """Range checks the dataclasses cannot express."""
+    def fail(key: str, problem: str) -> ConfigError:
+        return ConfigError(f"key '{key}': {problem}", path)
+
+    if not (isinstance(cfg.patch_size, list) and len(cfg.patch_size) == 3
+            and all(isinstance(x, int) and x > 0 for x in cfg.patch_size)):
+        raise fail("patch_size", "expected 3 integers > 0")
+    strides = cfg.network.get("parameters", {}).get("strides")
+    if cfg.network.get("architecture") == "UNet" and isinstance(strides, list):
+        factor = 1
+        for s in strides:
+            factor *= int(s) if isinstance(s, int) else max(s)
+        if any(p % factor for p in cfg.patch_size):
+            raise fail("patch_size", f"each size must be a multiple of {factor} (the UNet's total stride)")
+    for key, value, lo in (("batch_size", cfg.batch_size, 1), ("epochs", cfg.epochs, 1),
+                           ("iterations_per_epoch", cfg.iterations_per_epoch, 1),
+                           ("validation.interval", cfg.validation.interval, 1),
+                           ("classification.interval", cfg.classification.interval, 1),
+                           ("early_stopping_patience", cfg.early_stopping_patience, 0),
+                           ("workers", cfg.workers, 0), ("schedule.warmup_iterations", cfg.schedule.warmup_iterations, 0)):
+        if value < lo:
+            raise fail(key, f"expected an integer >= {lo}, got {value}")
+    if not 0.0 <= cfg.validation.fraction < 1.0:
+        raise fail("validation.fraction", "expected a number in 0..1 (exclusive)")
+    if cfg.optimizer.lr <= 0:
+        raise fail("optimizer.lr", "expected a number > 0")
+    if cfg.schedule.name not in ("cosine", "constant"):
+        raise fail("schedule.name", "expected \"cosine\" or \"constant\"")
+    if cfg.augmentation.crop not in ("pos_neg", "classes"):
+        raise fail("augmentation.crop", "expected \"pos_neg\" or \"classes\"")
+    if cfg.cache.in_memory not in ("auto", "yes", "no"):
+        raise fail("cache.in_memory", "expected \"auto\", \"yes\" or \"no\"")
+    if cfg.cache.compression not in ("gzip", "lzf", "none"):
+        raise fail("cache.compression", "expected \"gzip\", \"lzf\" or \"none\"")
+    spacing = cfg.preprocessing.get("spacing")
+    if spacing is not None and not (isinstance(spacing, list) and len(spacing) == 3
+                                    and all(isinstance(x, (int, float)) and x > 0 for x in spacing)):
+        raise fail("preprocessing.spacing", "expected 3 numbers > 0 (mm) or null")
+
+
+def default_channels(modality: str) -> List[Dict[str, Any]]:
+    """Input channels when the config names none: two CT windows, or MR percentiles."""
+    return [dict(c) for c in (DEFAULT_CT_CHANNELS if modality == "CT" else DEFAULT_MR_CHANNELS)]
