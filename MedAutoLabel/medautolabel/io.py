@@ -1,0 +1,313 @@
+"""Read and write image files: NIfTI, NRRD, MetaImage files and DICOM series folders (SimpleITK).
+
+Every problem with an input becomes one ``InputError`` line naming the file; library tracebacks and
+messages are never passed on (DICOM messages could carry patient data). ``Image.meta`` gets
+non-identifying facts only: ``source_name`` (file or folder name), ``format``, ``modality`` (DICOM
+0008|0060, else None) and, for DICOM stacks that needed it, a note on the geometry correction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+
+import numpy as np
+
+from .atomic import atomic_output
+from .errors import InputError, MedAutoLabelError
+from .geometry import image_from_sitk, image_to_sitk, lps_affine_to_ras
+from .image import Image
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+
+# extension -> (ITK ImageIO, format name); longest extensions are matched first
+READ_FORMATS = {
+    ".nii.gz": ("NiftiImageIO", "NIfTI"), ".nii": ("NiftiImageIO", "NIfTI"),
+    ".nrrd": ("NrrdImageIO", "NRRD"), ".nhdr": ("NrrdImageIO", "NRRD"),
+    ".mha": ("MetaImageIO", "MetaImage"), ".mhd": ("MetaImageIO", "MetaImage"),
+}
+WRITE_FORMATS = (".nrrd", ".nii.gz", ".nii", ".mha")  # single-file formats only (atomic rename)
+DICOM_EXTENSIONS = (".dcm", ".dicom", ".ima")
+
+_SUPPORTED = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) or a DICOM series folder"
+
+
+def extension(path: PathLike) -> str:
+    """The lower-case format extension of ``path`` (``.nii.gz`` counts as one), or ``""``."""
+    name = Path(path).name.lower()
+    for ext in sorted(list(READ_FORMATS) + list(DICOM_EXTENSIONS), key=len, reverse=True):
+        if name.endswith(ext):
+            return ext
+    return Path(name).suffix
+
+
+@contextlib.contextmanager
+def _quiet_itk() -> Iterator[None]:
+    """Keep ITK/GDCM warnings off the console while reading (they may quote header values)."""
+    import SimpleITK as sitk
+
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+def read_image(path: PathLike) -> Image:
+    """Read a 3D scalar image from a file or a DICOM series folder; raise ``InputError`` if impossible."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError("no such file or folder", p)
+    if p.is_dir():
+        return read_dicom_series(p)
+    ext = extension(p)
+    if ext in DICOM_EXTENSIONS:
+        return read_dicom_series(p.parent, series_of=p)
+    if ext not in READ_FORMATS:
+        raise InputError(f"unsupported file type '{ext or p.name}': expected {_SUPPORTED}", p)
+    if p.stat().st_size == 0:
+        raise InputError("the file is empty", p)
+    return _read_file(p, *READ_FORMATS[ext])
+
+
+def _read_file(p: Path, image_io: str, fmt: str) -> Image:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO(image_io)
+    reader.SetFileName(str(p))
+    with _quiet_itk():
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as e:
+            raise InputError(_header_problem(str(e), fmt), p) from None
+        _check_3d_scalar(reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(),
+                         reader.GetPixelID(), p)
+        try:
+            img = reader.Execute()
+        except RuntimeError:
+            raise InputError(f"the {fmt} file is truncated or corrupt: its voxel data cannot be read",
+                             p) from None
+    if img.GetDimension() == 4:  # (x, y, z, 1): a 3D volume stored as 4D
+        img = sitk.Extract(img, list(img.GetSize()[:3]) + [0], [0, 0, 0, 0])
+    return _to_image(img, p, {"source_name": p.name, "format": fmt, "modality": None})
+
+
+def _header_problem(message: str, fmt: str) -> str:
+    if "orthonormal" in message.lower():
+        return f"the {fmt} file's voxel axes are not orthogonal (sheared matrix), which cannot be read"
+    return f"not a readable {fmt} file (wrong format, truncated or corrupt header)"
+
+
+def _check_3d_scalar(dim: int, size: Tuple[int, ...], components: int, pixel_id: int, p: Path) -> None:
+    import SimpleITK as sitk
+
+    shape = "x".join(str(s) for s in size)
+    if components != 1:
+        raise InputError(f"the image has {components} values per voxel (vector, RGB or multi-channel); "
+                         "a single-channel 3D image is needed", p)
+    if "complex" in sitk.GetPixelIDValueAsString(pixel_id).lower():
+        raise InputError("the image has complex voxel values; a real-valued 3D image is needed", p)
+    if dim == 4 and size[3] == 1:
+        size = size[:3]
+    elif dim == 4:
+        raise InputError(f"the image is 4D ({shape}: a time series or several volumes); "
+                         "a single 3D volume is needed", p)
+    if dim < 3 or len(size) != 3 or min(size) < 2:
+        raise InputError(f"the image is {'2D' if dim <= 3 else f'{dim}D'} ({shape}); "
+                         "a 3D volume (at least 2 voxels along each axis) is needed", p)
+
+
+def _to_image(img: Any, p: Path, meta: Dict[str, Any]) -> Image:
+    try:
+        return image_from_sitk(img, meta)
+    except ValueError:
+        raise InputError("the image geometry is degenerate (zero voxel size or collinear axes)", p) from None
+
+
+# --- DICOM ---------------------------------------------------------------------------------------
+
+def read_dicom_series(folder: PathLike, series_of: Optional[PathLike] = None) -> Image:
+    """Read one DICOM series from ``folder``: the one holding ``series_of``, else the largest one.
+
+    Slice positions are taken from every slice's ImagePositionPatient. A stack whose slices are
+    sheared (CT gantry tilt) or unevenly spaced cannot be described by one matrix: it is resampled
+    (linearly, between neighbouring slices) onto a regular grid orthogonal to the slices, so every
+    voxel keeps its true physical position; ``meta["geometry_corrected"]`` then says what was done.
+    """
+    import SimpleITK as sitk
+
+    folder = Path(folder)
+    with _quiet_itk():
+        files = _series_files(folder, series_of)
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(files)
+        reader.MetaDataDictionaryArrayUpdateOn()
+        reader.LoadPrivateTagsOff()
+        try:
+            img = reader.Execute()
+        except RuntimeError:
+            raise InputError("cannot read the DICOM series (a file is truncated or corrupt, or the "
+                             "slices differ in size or type)", folder) from None
+    _check_3d_scalar(img.GetDimension(), img.GetSize(), img.GetNumberOfComponentsPerPixel(),
+                     img.GetPixelID(), folder)
+    meta: Dict[str, Any] = {"source_name": folder.name, "format": "DICOM",
+                            "modality": _tag(reader, 0, "0008|0060"), "number_of_slices": len(files)}
+    positions = _slice_positions(reader, len(files), folder)
+    return _dicom_image(img, positions, meta, folder)
+
+
+def _series_files(folder: Path, series_of: Optional[PathLike]) -> List[str]:
+    import SimpleITK as sitk
+
+    try:
+        ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    except RuntimeError:
+        ids = ()
+    if not ids:
+        raise InputError("no DICOM series found in this folder (for an image file, give the file itself)",
+                         folder)
+    series = [list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid)) for sid in ids]
+    if series_of is not None:
+        wanted = Path(series_of).resolve()
+        for files in series:
+            if any(Path(f).resolve() == wanted for f in files):
+                return files
+        raise InputError("not a readable DICOM image file", series_of)
+    if len(series) > 1:
+        log.info("%s: %d DICOM series found; reading the one with the most slices", folder.name, len(series))
+    return max(series, key=len)
+
+
+def _tag(reader: Any, index: int, key: str) -> Optional[str]:
+    if not reader.HasMetaDataKey(index, key):
+        return None
+    value = reader.GetMetaData(index, key).strip()
+    return value or None
+
+
+def _slice_positions(reader: Any, n: int, folder: Path) -> np.ndarray:
+    """(n, 3) LPS ImagePositionPatient of each slice, in the reader's slice order."""
+    rows = []
+    for s in range(n):
+        value = _tag(reader, s, "0020|0032")
+        try:
+            xyz = [float(v) for v in (value or "").split("\\")]
+        except ValueError:
+            xyz = []
+        if len(xyz) != 3:
+            raise InputError("a DICOM slice has no valid ImagePositionPatient, so the slices cannot be "
+                             "placed in space", folder)
+        rows.append(xyz)
+    return np.asarray(rows, dtype=np.float64)
+
+
+def _dicom_image(img: Any, positions: np.ndarray, meta: Dict[str, Any], folder: Path) -> Image:
+    """Build the Image from the in-plane geometry of ITK and the true position of every slice."""
+    import SimpleITK as sitk
+
+    direction = np.asarray(img.GetDirection()).reshape(3, 3)
+    row, col = direction[:, 0], direction[:, 1]  # LPS unit vectors along i (columns) and j (rows)
+    si, sj = img.GetSpacing()[:2]
+    normal = np.cross(row, col)
+    rel = positions - positions[0]
+    h = rel @ normal
+    if h[-1] < 0:
+        normal, h = -normal, -h
+    gaps = np.diff(h)
+    if np.any(gaps <= 1e-3):
+        raise InputError("DICOM slices share a position or are out of order (several acquisitions "
+                         "mixed in one series?)", folder)
+    a, b = rel @ row / si, rel @ col / sj  # in-plane shift of each slice, in voxels
+    step = float(h[-1] / (len(h) - 1))
+    tol = 0.05 * min(si, sj, step)
+    array = sitk.GetArrayFromImage(img)
+    if np.all(np.abs(h - step * np.arange(len(h))) < tol) and np.all(np.abs(a * si) < tol) \
+            and np.all(np.abs(b * sj) < tol):
+        lps = _matrix(row * si, col * sj, normal * step, positions[0])
+        return Image(array, lps_affine_to_ras(lps), meta)
+    median = float(np.median(gaps))
+    if gaps.max() > 3.0 * median:
+        raise InputError(f"DICOM slices are missing: a gap of {gaps.max():.2f} mm in a series spaced "
+                         f"{median:.2f} mm", folder)
+    stack = float(np.degrees(np.arccos(np.clip(abs(rel[-1] @ normal) / np.linalg.norm(rel[-1]), 0, 1))))
+    out, shift = _regularise(array, a, b, h, median)
+    origin = positions[0] + shift[0] * si * row + shift[1] * sj * col
+    lps = _matrix(row * si, col * sj, normal * median, origin)
+    meta["gantry_tilt_deg"] = round(stack, 2)
+    meta["geometry_corrected"] = (
+        f"slices tilted by {stack:.1f} deg and spaced {gaps.min():.2f}-{gaps.max():.2f} mm: "
+        f"resampled onto a regular {median:.2f} mm grid orthogonal to the slices")
+    log.warning("%s: %s", folder.name, meta["geometry_corrected"])
+    return Image(out, lps_affine_to_ras(lps), meta)
+
+
+def _matrix(ci: np.ndarray, cj: np.ndarray, ck: np.ndarray, origin: np.ndarray) -> np.ndarray:
+    m = np.eye(4)
+    m[:3, 0], m[:3, 1], m[:3, 2], m[:3, 3] = ci, cj, ck, origin
+    return m
+
+
+def _regularise(array: np.ndarray, a: np.ndarray, b: np.ndarray, h: np.ndarray,
+                step: float) -> Tuple[np.ndarray, Tuple[float, float]]:
+    """Resample slices at in-plane shifts (a, b) voxels and heights h mm onto a regular stack.
+
+    Returns the (k, j, i) array and the in-plane (i, j) voxel offset of its origin from slice 0's.
+    """
+    from scipy import ndimage
+
+    fill = float(array.min())
+    a0, b0 = float(a.min()), float(b.min())
+    n_rows, n_cols = array.shape[1:]
+    shape = (n_rows + math.ceil(b.max() - b0 - 1e-6), n_cols + math.ceil(a.max() - a0 - 1e-6))
+
+    def placed(s: int) -> np.ndarray:
+        canvas = np.full(shape, fill, dtype=np.float32)
+        canvas[:n_rows, :n_cols] = array[s]
+        return ndimage.shift(canvas, (b[s] - b0, a[s] - a0), order=1, mode="constant", cval=fill)
+
+    n_out = math.floor(h[-1] / step + 1e-6) + 1
+    out = np.empty((n_out,) + shape, dtype=np.float32)
+    for k in range(n_out):
+        t = k * step
+        s1 = int(min(np.searchsorted(h, t, side="right"), len(h) - 1))
+        s0 = s1 - 1
+        w = float(np.clip((t - h[s0]) / (h[s1] - h[s0]), 0.0, 1.0))
+        out[k] = placed(s0) if w < 1e-6 else placed(s1) if w > 1 - 1e-6 else \
+            (1 - w) * placed(s0) + w * placed(s1)
+    if np.issubdtype(array.dtype, np.integer):
+        info = np.iinfo(array.dtype)
+        out = np.clip(np.rint(out), info.min, info.max).astype(array.dtype)
+    return out, (a0, b0)
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+def write_image(image: Image, path: PathLike) -> Path:
+    """Write ``image`` as .nrrd, .nii.gz, .nii or .mha (by extension), atomically; return the path."""
+    import SimpleITK as sitk
+
+    p = Path(path)
+    ext = extension(p)
+    if ext not in WRITE_FORMATS:
+        raise MedAutoLabelError(f"cannot write '{ext or p.name}' files: use one of {', '.join(WRITE_FORMATS)}",
+                                p)
+    try:
+        sitk_image = image_to_sitk(image)
+    except ValueError as e:
+        raise MedAutoLabelError(f"cannot write the image: {e}", p) from None
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(p) as tmp:
+        try:
+            sitk.WriteImage(sitk_image, str(tmp), useCompression=ext != ".nii")
+        except RuntimeError:
+            raise MedAutoLabelError("cannot write the image file (disk full or no permission?)", p) from None
+    return p
