@@ -291,8 +291,12 @@ def _regularise(array: np.ndarray, a: np.ndarray, b: np.ndarray, h: np.ndarray,
 
 # --- writing -----------------------------------------------------------------------------------
 
-def write_image(image: Image, path: PathLike) -> Path:
-    """Write ``image`` as .nrrd, .nii.gz, .nii or .mha (by extension), atomically; return the path."""
+def write_image(image: Image, path: PathLike, atomic: bool = True) -> Path:
+    """Write ``image`` as .nrrd, .nii.gz, .nii or .mha (by extension); return the path.
+
+    With ``atomic`` (the default) the file appears complete or not at all; ``atomic=False`` is for
+    callers that already write to a temporary name (see ``atomic.atomic_outputs``).
+    """
     import SimpleITK as sitk
 
     p = Path(path)
@@ -305,9 +309,9 @@ def write_image(image: Image, path: PathLike) -> Path:
     except ValueError as e:
         raise MedAutoLabelError(f"cannot write the image: {e}", p) from None
     p.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(p) as tmp:
+    with atomic_output(p) if atomic else contextlib.nullcontext(p) as target:
         try:
-            sitk.WriteImage(sitk_image, str(tmp), useCompression=ext != ".nii")
+            sitk.WriteImage(sitk_image, str(target), useCompression=ext != ".nii")
         except RuntimeError:
             raise MedAutoLabelError("cannot write the image file (disk full or no permission?)", p) from None
     return p
