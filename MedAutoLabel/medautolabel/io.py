@@ -91,6 +91,8 @@ def _read_file(p: Path, image_io: str, fmt: str) -> Image:
             raise InputError(_header_problem(str(e), fmt), p) from None
         _check_3d_scalar(reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(),
                          reader.GetPixelID(), p)
+        if fmt == "NIfTI":
+            _check_nifti_complete(p)  # ITK pads a short NIfTI with zeros instead of failing
         try:
             img = reader.Execute()
         except RuntimeError:
@@ -99,6 +101,33 @@ def _read_file(p: Path, image_io: str, fmt: str) -> Image:
     if img.GetDimension() == 4:  # (x, y, z, 1): a 3D volume stored as 4D
         img = sitk.Extract(img, list(img.GetSize()[:3]) + [0], [0, 0, 0, 0])
     return _to_image(img, p, {"source_name": p.name, "format": fmt, "modality": None})
+
+
+def _check_nifti_complete(p: Path) -> None:
+    """Raise ``InputError`` if a NIfTI file holds fewer voxel bytes than its header announces."""
+    import gzip
+    import zlib
+
+    import nibabel as nib
+
+    try:
+        header = nib.load(str(p)).header
+        expected = int(header["vox_offset"]) + int(np.prod(header.get_data_shape())) * \
+            header.get_data_dtype().itemsize
+    except Exception:  # noqa: BLE001 - ITK could read the header; leave the verdict to it
+        return
+    if extension(p) == ".nii":
+        actual = p.stat().st_size
+    else:
+        actual = 0
+        try:
+            with gzip.open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    actual += len(chunk)
+        except (OSError, EOFError, zlib.error):
+            actual = -1
+    if actual < expected:
+        raise InputError("the NIfTI file is truncated or corrupt: its voxel data cannot be read", p)
 
 
 def _header_problem(message: str, fmt: str) -> str:
@@ -175,16 +204,35 @@ def _series_files(folder: Path, series_of: Optional[PathLike]) -> List[str]:
     if not ids:
         raise InputError("no DICOM series found in this folder (for an image file, give the file itself)",
                          folder)
-    series = [list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid)) for sid in ids]
+    series = {sid: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid)) for sid in ids}
     if series_of is not None:
         wanted = Path(series_of).resolve()
-        for files in series:
-            if any(Path(f).resolve() == wanted for f in files):
-                return files
-        raise InputError("not a readable DICOM image file", series_of)
-    if len(series) > 1:
-        log.info("%s: %d DICOM series found; reading the one with the most slices", folder.name, len(series))
-    return max(series, key=len)
+        chosen = next((sid for sid, files in series.items() if any(Path(f).resolve() == wanted for f in files)),
+                      None)
+        if chosen is None:
+            raise InputError("not a readable DICOM image file", series_of)
+    else:
+        chosen = max(series, key=lambda sid: len(series[sid]))
+        if len(series) > 1:
+            log.info("%s: %d DICOM series found; reading the one with the most slices", folder.name, len(series))
+    _check_no_unreadable_slices(folder, chosen, {Path(f).name for files in series.values() for f in files})
+    return series[chosen]
+
+
+def _check_no_unreadable_slices(folder: Path, series_uid: str, readable: set) -> None:
+    """Refuse a series when a file of it exists but GDCM skipped it (truncated or corrupt slice)."""
+    uid = series_uid.encode("ascii", "ignore")
+    for f in folder.iterdir():
+        if f.name in readable or not f.is_file():
+            continue
+        try:
+            with open(f, "rb") as fh:
+                head = fh.read(1 << 16)
+        except OSError:
+            continue
+        if head[128:132] == b"DICM" and uid and uid in head:
+            raise InputError("a slice of the DICOM series cannot be read (truncated or corrupt file), so "
+                             "the series is incomplete", folder)
 
 
 def _tag(reader: Any, index: int, key: str) -> Optional[str]:
