@@ -28,7 +28,8 @@ def _result() -> Result:
     lab[1:3, 1:3, 1:4] = 1
     lab[3, 4, 5] = 2
     segments = [
-        SegmentInfo(1, "Vessel, main", (0.85, 0.25, 0.2), Terminology(STRUCTURE, Code("SCT", "59820001", "Blood vessel")),
+        SegmentInfo(1, "Vessel, main", (0.85, 0.25, 0.2),
+                    Terminology(STRUCTURE, Code("SCT", "59820001", "Blood vessel")),
                     voxel_count=12, volume_ml=np.float32(0.0144), mean_confidence=np.float64(0.93)),
         SegmentInfo(2, "Nerve", (0.95, 0.85, 0.3), Terminology(STRUCTURE, Code("SCT", "3057000", "Nerve")),
                     voxel_count=1, volume_ml=0.0012, mean_confidence=float("nan"), low_confidence=True),
@@ -126,19 +127,17 @@ def test_atomic_output_temp_is_private_hidden_and_keeps_the_extension(tmp_path):
 def test_atomic_output_error_keeps_the_old_file(tmp_path):
     target = tmp_path / "x.txt"
     target.write_text("old")
-    with pytest.raises(RuntimeError):
-        with atomic_output(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError), atomic_output(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
     assert target.read_text() == "old" and _no_temp_files(tmp_path)
 
 
 def test_atomic_outputs_all_or_nothing(tmp_path):
     targets = [tmp_path / "a.txt", tmp_path / "b.txt"]
-    with pytest.raises(ValueError):
-        with atomic_outputs(targets) as temps:
-            temps[0].write_text("a")
-            raise ValueError("second failed")
+    with pytest.raises(ValueError), atomic_outputs(targets) as temps:
+        temps[0].write_text("a")
+        raise ValueError("second failed")
     assert os.listdir(tmp_path) == []
     with atomic_outputs(targets) as temps:
         for t, text in zip(temps, "ab"):

@@ -73,7 +73,7 @@ def test_gantry_tilt_slices_land_at_their_true_positions(tilted):
     checked = 0
     for s, (ipp, row, col, spacing, hu) in enumerate(slices):
         height = (ipp - slices[0][0]) @ normal
-        k = int(round(height / step))
+        k = round(float(height / step))
         if abs(height - k * step) > 0.01 or k >= img.array.shape[0]:
             continue  # this slice falls between planes of the regular grid
         plane = img.array[k].astype(float)

@@ -13,7 +13,8 @@ from medautolabel.terminology import (
 
 VESSEL = Terminology(Code("SCT", "123037004", "Anatomical Structure"), Code("SCT", "59820001", "Blood vessel"))
 FULL = Terminology(Code("SCT", "49755003", "Morphologically Altered Structure"), Code("SCT", "4147007", "Mass"),
-                   type_modifier=Code("SCT", "24028007", "Right"), anatomic_region=Code("SCT", "23451007", "Adrenal gland"))
+                   type_modifier=Code("SCT", "24028007", "Right"),
+                   anatomic_region=Code("SCT", "23451007", "Adrenal gland"))
 
 
 def test_exact_string_for_a_vessel():
