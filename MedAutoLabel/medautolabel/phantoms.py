@@ -417,10 +417,10 @@ def render(seed: int, shape_kji: Sequence[int], ijk_to_ras: np.ndarray,
         _paint(hu, layer.frac, level)
         np.maximum(vessel.frac, layer.frac, out=vessel.frac)
 
-    # Saccular aneurysm on a vessel of radius 1.5-7 mm, as bright as its parent.
+    # Saccular aneurysm: a sac wider than its parent artery (radius 1.2-5 mm), as bright as it.
     sac = canvas()
     if aneurysm:
-        candidates = [(t, lv) for t, lv in trees[: max(1, len(trees))] if 1.2 <= np.median(t.radii) <= 7.5]
+        candidates = [(t, lv) for t, lv in trees[: max(1, len(trees))] if 1.2 <= np.median(t.radii) <= 5.0]
         inside = [(t, lv) for t, lv in candidates
                   if np.any(np.all(np.abs(t.points - shift) < half_fov * 0.7, axis=1))] or candidates
         if not inside:
@@ -431,8 +431,8 @@ def render(seed: int, shape_kji: Sequence[int], ijk_to_ras: np.ndarray,
         a = int(np.clip(a, 1, len(t.points) - 2))
         tangent = _unit(t.points[a + 1] - t.points[a - 1])
         r_v = float(t.radii[a])
-        sac_r = float(np.clip(r_v * rng.uniform(1.0, 2.2), 2.5, 9.0))
-        centre = t.points[a] + _perpendicular(tangent, rng) * (r_v + 0.55 * sac_r)
+        sac_r = float(np.clip(r_v * rng.uniform(1.4, 2.6), 2.5, 10.0))
+        centre = t.points[a] + _perpendicular(tangent, rng) * (r_v + 0.5 * sac_r)
         sac.add_ellipsoid(centre, sac_r * rng.uniform(0.8, 1.0, 3), _random_rotation(rng))
         _paint(hu, sac.frac, level)
         np.maximum(vessel.frac, sac.frac, out=vessel.frac)
