@@ -340,8 +340,8 @@ def _train(data, model_dir: Path, config, base, dev: torch.device, epochs, resum
             scaler.step(opt)
             scaler.update()
             sched.step()
-            sums["loss"] += float(loss_seg) + loss_cls
-            sums["seg_loss"] += float(loss_seg)
+            sums["loss"] += float(loss_seg.detach()) + loss_cls
+            sums["seg_loss"] += float(loss_seg.detach())
             sums["cls_loss"] += loss_cls
             if bar is not None:
                 bar.update(1)

@@ -19,13 +19,14 @@ from .transforms import map_labels
 @torch.no_grad()
 def validate(net: torch.nn.Module, store: CaseStore, cases: Sequence[Case], case_ids: Sequence[int],
              card: ModelCard, lut: np.ndarray, device: torch.device) -> Dict[str, object]:
-    """Mean Dice over labels (each averaged over the cases that contain it) and per-task metrics."""
+    """Mean Dice over labels (each label averaged over the cases that contain it) and per-task metrics."""
     from monai.inferers import sliding_window_inference
-    from monai.metrics import DiceMetric, compute_roc_auc
+    from monai.metrics import compute_dice, compute_roc_auc
     from monai.networks.utils import one_hot
 
     softmax = card.segmentation.channels
-    metric = DiceMetric(include_background=False, reduction="mean_batch", get_not_nans=True, ignore_empty=True)
+    # MONAI's functional Dice per case (DiceMetric would all-gather across ranks, but only rank 0 validates)
+    per_case: List[torch.Tensor] = []
     scores: Dict[str, List[float]] = {t.task: [] for t in card.classification}
     truth: Dict[str, List[float]] = {t.task: [] for t in card.classification}
     was_training = net.training
@@ -42,18 +43,19 @@ def validate(net: torch.nn.Module, store: CaseStore, cases: Sequence[Case], case
                                           overlap=card.inference.overlap, mode=card.inference.blend)[0].cpu()
         pred = one_hot(logits[:softmax].argmax(0)[None, None], softmax)
         ref = one_hot(torch.from_numpy(map_labels(label, lut))[None, None], softmax)
-        metric(pred, ref)
+        per_case.append(compute_dice(pred, ref, include_background=False, ignore_empty=True)[0])
         for t in card.classification:
             if t.task in case.classes:
                 scores[t.task].append(voxel_evidence(logits, t, store.spacing))
                 truth[t.task].append(float(case.classes[t.task] == t.classes[1]))
     if was_training:
         net.train()
-    dice, not_nans = metric.aggregate()
+    table = torch.stack(per_case).numpy()  # (cases, labels); NaN where a case lacks the label
     per_label: Dict[str, Optional[float]] = {}
     for lab in sorted(card.labels, key=lambda x: x.channel):
-        c = lab.channel - 1
-        per_label[lab.name] = float(dice[c]) if float(not_nans[c]) > 0 else None
+        column = table[:, lab.channel - 1]
+        column = column[~np.isnan(column)]
+        per_label[lab.name] = float(column.mean()) if column.size else None
     present = [v for v in per_label.values() if v is not None]
     out: Dict[str, object] = {"mean_dice": float(np.mean(present)) if present else 0.0, "dice": per_label,
                               "cases": len(cases)}
