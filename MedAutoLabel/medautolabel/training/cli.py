@@ -24,8 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                            "datalist JSON")
     p.add_argument("-o", "--output", type=Path, required=True, dest="model_dir",
                    help="model folder to write (model.json, model.pt, training/)")
-    p.add_argument("--config", type=Path, help="training config (JSON, or YAML with PyYAML); default: built-in "
-                                                "defaults")
+    p.add_argument("--config", help="training config file (JSON, or YAML with PyYAML) or the name of a built-in "
+                                     "config (vessel-nerve-cta); default: built-in defaults")
     p.add_argument("--from", dest="base", metavar="MODEL",
                    help="fine-tune this model (id or folder; the built-in one included): keeps its labels, "
                         "adds the dataset's new ones")

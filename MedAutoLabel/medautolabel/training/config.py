@@ -197,6 +197,25 @@ def read_config_file(path: Union[str, Path]) -> Dict[str, Any]:
     return data if data is not None else {}
 
 
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def builtin_configs() -> List[str]:
+    """Names of the configs shipped with the package (``--config NAME``)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def resolve_config(source: Union[str, Path]) -> Path:
+    """A config file path, or the path of a built-in config named ``source`` (e.g. "vessel-nerve-cta")."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    builtin = CONFIG_DIR / f"{source}.json"
+    if "/" not in str(source) and "\\" not in str(source) and builtin.is_file():
+        return builtin
+    raise ConfigError(f"config not found (built-in configs: {', '.join(builtin_configs()) or 'none'})", path)
+
+
 def load_config(source: Union[None, str, Path, Dict[str, Any]] = None,
                 overrides: Optional[Dict[str, Any]] = None) -> TrainConfig:
     """The config from a file path, a dict, or None (all defaults); ``overrides`` are top-level keys."""
@@ -206,7 +225,7 @@ def load_config(source: Union[None, str, Path, Dict[str, Any]] = None,
     elif isinstance(source, dict):
         data = dict(source)
     else:
-        path = Path(source)
+        path = resolve_config(source)
         data = read_config_file(path)
     data.pop("$schema", None)
     data.pop("comment", None)

@@ -190,10 +190,10 @@ def grow_state_dict(old: Dict[str, torch.Tensor], new: Dict[str, torch.Tensor],
                     channel_map: List[Optional[int]], old_out: int) -> Dict[str, torch.Tensor]:
     """Copy a base model's weights into a network with a different number of output channels.
 
-    Tensors of equal shape are copied; a tensor that differs in exactly one dimension, sized
-    ``old_out`` before and ``len(channel_map)`` now, is an output-layer tensor: new channel c takes
-    the base model's channel ``channel_map[c]`` (None keeps the fresh initialisation). MONAI's
-    networks have no generic "output layer" API, hence this shape-based rule.
+    Tensors of equal shape are copied; a tensor whose differing dimensions are all sized
+    ``old_out`` before and ``len(channel_map)`` now belongs to the output layer(s): new channel c
+    takes the base model's channel ``channel_map[c]`` (None keeps the fresh initialisation).
+    MONAI's networks have no generic "output layer" API, hence this shape-based rule.
     """
     out = {}
     for key, fresh in new.items():
@@ -204,13 +204,24 @@ def grow_state_dict(old: Dict[str, torch.Tensor], new: Dict[str, torch.Tensor],
             out[key] = src.clone()
             continue
         dims = [d for d in range(fresh.dim()) if src.dim() == fresh.dim() and src.shape[d] != fresh.shape[d]]
-        if len(dims) != 1 or src.shape[dims[0]] != old_out or fresh.shape[dims[0]] != len(channel_map):
+        if not dims or any(src.shape[d] != old_out or fresh.shape[d] != len(channel_map) for d in dims):
             raise ConfigError(f"cannot grow {key!r} from {tuple(src.shape)} to {tuple(fresh.shape)}")
-        d = dims[0]
-        grown = fresh.clone()
-        for c, b in enumerate(channel_map):
-            if b is not None:
-                grown.select(d, c).copy_(src.select(d, b))
+        # the output channels can be on several axes (a residual unit after the last layer maps
+        # out_channels -> out_channels): copy the block of kept channels on all of them at once
+        new_idx = [c for c, b in enumerate(channel_map) if b is not None]
+        old_idx = [channel_map[c] for c in new_idx]
+        axes_new = [new_idx if d in dims else range(fresh.shape[d]) for d in range(fresh.dim())]
+        axes_old = [old_idx if d in dims else range(src.shape[d]) for d in range(src.dim())]
+        grown = fresh.detach().clone().numpy()
+        grown[np.ix_(*axes_new)] = src.detach().cpu().numpy()[np.ix_(*axes_old)]
+        if len(dims) > 1:  # no mixing between kept and new channels: kept outputs stay exactly as before
+            kinds = [np.array([b is None for b in channel_map]).reshape([-1 if e == d else 1 for e in range(fresh.dim())])
+                     for d in dims]
+            any_new, all_new = kinds[0], kinds[0]
+            for k in kinds[1:]:
+                any_new, all_new = any_new | k, all_new & k
+            grown[np.broadcast_to(any_new & ~all_new, grown.shape)] = 0.0
+        grown = torch.from_numpy(grown)
         out[key] = grown
     return out
 
