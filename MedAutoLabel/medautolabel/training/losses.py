@@ -34,7 +34,9 @@ class EvidenceMax(torch.nn.Module):
         if smoothing_mm > 0:
             from monai.networks.layers import GaussianFilter
 
-            self.smooth = GaussianFilter(3, sigma=[smoothing_mm / float(s) for s in spacing], truncated=3.0)
+            # sampled kernel, 3 sigma: the same Gaussian as scipy.ndimage.gaussian_filter in classify.py
+            self.smooth = GaussianFilter(3, sigma=[smoothing_mm / float(s) for s in spacing], truncated=3.0,
+                                         approx="sampled")
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:  # (B, *spatial) -> (B,)
         p = torch.sigmoid(logits.float())[:, None]
