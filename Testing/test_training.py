@@ -106,7 +106,7 @@ def trained(dataset, tmp_path_factory):
 def test_tiny_run_loss_falls_and_label_image_uses_the_model(trained, dataset):
     from medautolabel.pipeline import label_image
 
-    result, root, messages = trained
+    result, _, messages = trained
     model_dir = result.model_dir
     losses = [row["loss"] for row in result.history]
     assert len(losses) == 4 and losses[-1] < 0.75 * losses[0], losses
@@ -135,10 +135,10 @@ def test_tiny_run_loss_falls_and_label_image_uses_the_model(trained, dataset):
 @pytest.mark.skipif(importlib.util.find_spec("medautolabel.cli") is None, reason="medautolabel.cli not there yet")
 def test_label_command_uses_the_trained_model_folder(trained, dataset, tmp_path):
     result, _, _ = trained
-    image = sorted((dataset / "imagesTr").glob("*.nii.gz"))[0]
+    image = min((dataset / "imagesTr").glob("*.nii.gz"))
     env = dict(os.environ, PYTHONPATH=str(ENGINE))
     run = subprocess.run([sys.executable, "-m", "medautolabel", "label", str(image), "--model", str(result.model_dir),
-                          "-o", str(tmp_path / "out"), "--device", "cpu"], env=env, capture_output=True, text=True,
+                          "-o", str(tmp_path / "out"), "--device", "cpu"], check=False, env=env, capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert any((tmp_path / "out").iterdir())
@@ -229,7 +229,7 @@ def test_torchrun_two_processes_end_with_identical_weights(trained, dataset, tmp
     run = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(29400 + os.getpid() % 500),
                           "-m", "medautolabel.training", str(dataset), "-o", str(tmp_path / "ddp"),
                           "--config", str(tmp_path / "cfg.json"), "--cache", str(root / "cache.h5"),
-                          "--device", "cpu"], env=env, capture_output=True, text=True, timeout=240)
+                          "--device", "cpu"], check=False, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     hashes = [(tmp_path / "hashes" / f"rank{r}.sha256").read_text() for r in (0, 1)]
     assert len(hashes[0]) == 64 and hashes[0] == hashes[1]
@@ -347,7 +347,7 @@ def test_datasets_in_nnunet_and_datalist_form(tmp_path, dataset):
                                                  "numTraining": 3, "file_ending": ".nii.gz"}))
     ds = load_dataset(nn)
     assert len(ds.cases) == 3 and ds.labels == {1: "liver"} and ds.modality == "CT"
-    train_cases, val_cases = split(ds, 0.34, seed=5)
+    _, val_cases = split(ds, 0.34, seed=5)
     assert len(val_cases) == 1 and split(ds, 0.34, seed=5)[1][0].index == val_cases[0].index
 
     meta = json.loads((dataset / "dataset.json").read_text())
