@@ -170,12 +170,16 @@ def _walk(rng: np.random.Generator, start: np.ndarray, direction: np.ndarray, ra
     n_steps = int(max_length / step)
     end_radius = radius * (1.0 - rng.uniform(0, taper))
     margin = half_fov + 2 * radius + 5
+    entered = bool(np.all(np.abs(start) <= half_fov))
     for s in range(1, n_steps):
         bend = 0.8 * bend + rng.normal(scale=curviness, size=3)
         d = _unit(d + bend * step / max(radius, 2.0) ** 0.5)
         pts.append(pts[-1] + d * step)
         rads.append(radius + (end_radius - radius) * min(1.0, s * step / 150.0))
-        if np.any(np.abs(pts[-1]) > margin):
+        entered = entered or bool(np.all(np.abs(pts[-1]) <= half_fov))
+        # A walk that starts outside (a tree entering from a face) may wander before it comes in:
+        # it ends only once it has been inside and left again (or at max_length).
+        if entered and np.any(np.abs(pts[-1]) > margin):
             break
     return Tube(np.array(pts), np.array(rads))
 
@@ -187,7 +191,10 @@ def _vessel_tree(rng: np.random.Generator, half_fov: float, root_radius: float,
     start = rng.uniform(-0.6, 0.6, size=3) * half_fov
     sign = rng.choice([-1.0, 1.0])
     start[face] = sign * (half_fov + root_radius + 4)
-    direction = -sign * np.eye(3)[face] + rng.normal(scale=0.35, size=3)
+    # Aimed at a point well inside the field of view, so that the tree crosses the image whatever
+    # the grid's direction (an oblique grid covers little more than the inscribed sphere).
+    target = _unit(rng.normal(size=3)) * half_fov * rng.uniform(0.0, 0.5)
+    direction = _unit(target - start) + rng.normal(scale=0.1, size=3)
     tubes: List[Tube] = []
     queue = [(_walk(rng, start, direction, root_radius, half_fov), 0)]
     while queue:
@@ -290,7 +297,9 @@ def render(seed: int, shape_kji: Sequence[int], ijk_to_ras: np.ndarray,
         centre = ras_corners.mean(axis=0)
     centre = np.asarray(centre, dtype=np.float64)
     if half_fov is None:
-        half_fov = float(np.abs(ras_corners - centre).max())
+        # The radius of the sphere inscribed in the grid's box: on an oblique grid the corners reach
+        # further than its faces, and anatomy placed out there would miss the image.
+        half_fov = float(np.min(grid.spacing * (np.array(shape_kji[::-1]) - 1)) / 2.0)
     # Anatomy is drawn around the origin, then shifted to the grid's centre.
     shift = centre
     look = _random_look(rng)
@@ -388,14 +397,14 @@ def render(seed: int, shape_kji: Sequence[int], ijk_to_ras: np.ndarray,
 
     # Nerves (radius 1-3 mm) in a fat sheath: half beside a vessel, half on their own.
     nerve, sheath_canvas = canvas(), canvas()
-    for _ in range(rng.integers(1, 4)):
+    for n_nerve in range(rng.integers(1, 4)):
         nr = rng.uniform(1.0, 3.0)
         sheath = rng.uniform(0.6, 2.0)
         candidates = [t for t, _ in trees if t.radii.max() < 8]
-        if candidates and rng.random() < 0.5:
+        if candidates and rng.random() < 0.5 and n_nerve > 0:  # the first one always crosses the centre
             tube = _beside(rng, candidates[rng.integers(len(candidates))], nr, sheath)
         else:
-            start = rng.uniform(-1, 1, 3) * half_fov
+            start = _unit(rng.normal(size=3)) * half_fov * rng.uniform(0.0, 0.8)  # inside any grid
             tube = shifted(_walk(rng, start, rng.normal(size=3), nr, half_fov, curviness=0.06, taper=0.1))
             back = shifted(_walk(rng, start, -(tube.points[1] - tube.points[0] + 1e-6), nr, half_fov,
                                  curviness=0.06, taper=0.1))
@@ -421,13 +430,14 @@ def render(seed: int, shape_kji: Sequence[int], ijk_to_ras: np.ndarray,
     sac = canvas()
     if aneurysm:
         candidates = [(t, lv) for t, lv in trees[: max(1, len(trees))] if 1.2 <= np.median(t.radii) <= 5.0]
-        inside = [(t, lv) for t, lv in candidates
-                  if np.any(np.all(np.abs(t.points - shift) < half_fov * 0.7, axis=1))] or candidates
-        if not inside:
-            inside = trees
-        t, level = inside[rng.integers(len(inside))]
-        idx = np.flatnonzero(np.all(np.abs(t.points - shift) < half_fov * 0.7, axis=1))
-        a = int(idx[rng.integers(len(idx))]) if len(idx) else len(t.points) // 2
+        pool = candidates or trees
+        # Any point near the grid's centre (whatever its direction), or the nearest ones if none is.
+        dist = [np.linalg.norm(t.points - shift, axis=1) for t, _ in pool]
+        reach = max(half_fov * 0.6, min(float(d[1:-1].min()) if len(d) > 2 else np.inf for d in dist) + 5.0)
+        spots = [(n, a) for n, d in enumerate(dist) for a in np.flatnonzero(d[1:-1] < reach) + 1] or [
+            (int(np.argmax([len(d) for d in dist])), 1)]
+        n, a = spots[rng.integers(len(spots))]
+        t, level = pool[n]
         a = int(np.clip(a, 1, len(t.points) - 2))
         tangent = _unit(t.points[a + 1] - t.points[a - 1])
         r_v = float(t.radii[a])
