@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 import numpy as np
+
 from medautolabel.image import make_ijk_to_ras
 
 SCT_STRUCTURE = {"scheme": "SCT", "value": "123037004", "meaning": "Anatomical Structure"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from medautolabel.device import DeviceError, autocast, is_out_of_memory, select_device
 from medautolabel.errors import Cancelled
 from medautolabel.inference import infer, sliding_window, window_count

@@ -6,6 +6,7 @@ import json
 
 import pytest
 from cardfactory import BASE, card_dict, write_card
+
 from medautolabel import models
 from medautolabel.errors import ModelError
 from medautolabel.modelcard import ModelCard

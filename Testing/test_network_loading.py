@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 from cardfactory import card_dict, write_card
+
 from medautolabel import network
 from medautolabel.errors import ModelError
 from medautolabel.modelcard import ModelCard

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from cardfactory import GRIDS, card_dict, grid, ras_coords, write_card
+
 from medautolabel import network as network_module
 from medautolabel.device import DeviceError
 from medautolabel.errors import Cancelled, InputError

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from cardfactory import card_dict
+
 from medautolabel.classify import classify
 from medautolabel.image import make_ijk_to_ras
 from medautolabel.modelcard import ModelCard

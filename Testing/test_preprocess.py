@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 from cardfactory import GRIDS, card_dict, grid, ras_coords
+from nibabel.orientations import aff2axcodes
+
 from medautolabel.image import Image
 from medautolabel.modelcard import ModelCard
 from medautolabel.preprocess import (
@@ -15,7 +17,6 @@ from medautolabel.preprocess import (
     resample,
     to_input_grid,
 )
-from nibabel.orientations import aff2axcodes
 
 torch.set_num_threads(1)
 WINDOW = [-3000.0, 3000.0]  # wide enough that the ramps below are never clipped

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (CPython 3.11 wheel only)")
-from slicercore import close_scene, make_scene, module_logic
+from slicercore import close_scene, make_scene, module_logic  # noqa: E402  (after the importorskip)
 
 
 def test_scene_has_logics_and_segments_round_trip():

@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+
 from medautolabel.errors import MedAutoLabelError
 from medautolabel.modelcard import ModelCard
 from medautolabel.training import cache as cache_module
@@ -138,8 +139,8 @@ def test_label_command_uses_the_trained_model_folder(trained, dataset, tmp_path)
     image = min((dataset / "imagesTr").glob("*.nii.gz"))
     env = dict(os.environ, PYTHONPATH=str(ENGINE))
     run = subprocess.run([sys.executable, "-m", "medautolabel", "label", str(image), "--model", str(result.model_dir),
-                          "-o", str(tmp_path / "out"), "--device", "cpu"], check=False, env=env, capture_output=True, text=True,
-                         timeout=120)
+                          "-o", str(tmp_path / "out"), "--device", "cpu"],
+                         check=False, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert any((tmp_path / "out").iterdir())
 

@@ -53,7 +53,7 @@ class Image:
     def ras_to_ijk(self) -> np.ndarray:
         return np.linalg.inv(self.ijk_to_ras)
 
-    def with_array(self, array: np.ndarray) -> "Image":
+    def with_array(self, array: np.ndarray) -> Image:
         """A new image on the same grid (same shape, same matrix)."""
         if array.shape[-3:] != self.array.shape:
             raise ValueError(f"shape {array.shape} does not fit grid {self.array.shape}")

@@ -128,7 +128,7 @@ class ModelCard:
         return folder / self.network.weights
 
     @classmethod
-    def load(cls, path: Union[str, Path]) -> "ModelCard":
+    def load(cls, path: Union[str, Path]) -> ModelCard:
         """Read and validate a ``model.json`` (or a folder holding one)."""
         path = Path(path)
         if path.is_dir():
@@ -144,7 +144,7 @@ class ModelCard:
         return cls.from_dict(data, path)
 
     @classmethod
-    def from_dict(cls, data: Any, path: Optional[Union[str, Path]] = None) -> "ModelCard":
+    def from_dict(cls, data: Any, path: Optional[Union[str, Path]] = None) -> ModelCard:
         """Validate a parsed ``model.json``; errors name ``path`` and the field."""
         return _parse_card(_Ctx(None if path is None else Path(path)), data)
 

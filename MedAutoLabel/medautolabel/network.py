@@ -24,7 +24,7 @@ from .errors import ModelError
 from .modelcard import ModelCard
 
 _CACHE_SIZE = 3
-_cache: "OrderedDict[Tuple[str, str, str, str], torch.nn.Module]" = OrderedDict()
+_cache: OrderedDict[Tuple[str, str, str, str], torch.nn.Module] = OrderedDict()
 _sha_cache: Dict[Tuple[str, int, int], str] = {}
 _lock = threading.Lock()
 

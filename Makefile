@@ -1,0 +1,39 @@
+# MedAutoLabel developer commands. Every target sets up .venv on a fresh machine first.
+#   make demo   label a synthetic CT angiogram with the built-in model (writes out/demo/)
+#   make test   lint (ruff, Python 3.9 rules) + the whole test suite
+#   make bench  speed and memory benchmark (see docs/benchmarks.md)
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+TORCH := torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint pytest bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/medautolabel demo --out out/demo --device auto
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test: lint pytest
+
+bench: $(STAMP)
+	$(BIN)/python -m medautolabel.bench --out docs/benchmarks.md
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .ruff_cache
