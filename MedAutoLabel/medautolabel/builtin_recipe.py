@@ -20,7 +20,7 @@ import time
 import warnings
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,16 +33,42 @@ SPACING = 0.8
 NETWORK = {"spatial_dims": 3, "in_channels": 2, "out_channels": 4, "channels": [16, 32, 64, 128, 256],
            "strides": [2, 2, 2, 2], "num_res_units": 2, "norm": "instance"}
 PATCH = 64
-VALIDATION_SEEDS = list(range(900_000, 900_006))  # in the training range, never in the training pool
+VALIDATION_SEEDS = list(range(900_000, 900_012))  # in the training range, never in the training pool
+SCANNER_GRID_FRACTION = 0.6  # training cases seen through a random scanner grid
 ANEURYSM = 3  # training-only label value: aneurysm sac (counts as vessel in the output)
+
+
+def through_scanner_grid(hu: np.ndarray, matrix: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Resample to a random oblique, anisotropic grid (0.6-1.6 mm) and back with linear interpolation.
+
+    This is what the network sees at inference, when a scan on its own grid is resampled to the
+    model's 0.8 mm grid; the labels stay on the fine grid (they are the truth).
+    """
+    from .image import make_ijk_to_ras
+    from .phantoms import _random_rotation
+    from .preprocess import resample
+
+    spacing = np.array([rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0), rng.uniform(0.7, 1.6)])[rng.permutation(3)]
+    rotation = _random_rotation(rng)
+    n = np.array(hu.shape[::-1], dtype=np.float64)
+    centre = matrix[:3, :3] @ ((n - 1) / 2) + matrix[:3, 3]
+    diagonal = float(np.linalg.norm((n - 1) * np.linalg.norm(matrix[:3, :3], axis=0)))
+    size = np.ceil(diagonal / spacing).astype(int) + 1
+    coarse_m = make_ijk_to_ras(spacing, rotation, centre - rotation @ (spacing * (size - 1) / 2))
+    coarse = resample(hu.astype(np.float32), matrix, tuple(size[::-1]), coarse_m, order=1)
+    return resample(coarse, coarse_m, hu.shape, matrix, order=1)
 
 
 def _case(seed: int) -> Dict[str, np.ndarray]:
     shape, matrix = training_grid(96, SPACING)
     ph = render(seed, shape, matrix)
+    hu = ph.image.array
+    rng = np.random.default_rng([seed, 99])
+    if rng.random() < SCANNER_GRID_FRACTION:
+        hu = np.rint(through_scanner_grid(hu, matrix, rng)).astype(np.int16)
     label = ph.labels.array.copy()
     label[ph.aneurysm_mask] = ANEURYSM
-    return {"hu": ph.image.array[None], "label": label[None], "aneurysm": np.float32(ph.aneurysm)}
+    return {"hu": hu[None], "label": label[None], "aneurysm": np.float32(ph.aneurysm)}
 
 
 def make_cases(seeds: Sequence[int], processes: int = 2) -> List[Dict[str, np.ndarray]]:
@@ -142,7 +168,7 @@ def validate(net: torch.nn.Module, cases) -> Dict[str, float]:
 
 
 def train(out: Path, iterations: int, seed: int, n_cases: int, batch_size: int, lr: float,
-          validate_every: int, threads: int) -> None:
+          validate_every: int, threads: int, init: Optional[Path] = None) -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -160,6 +186,8 @@ def train(out: Path, iterations: int, seed: int, n_cases: int, batch_size: int, 
     print(f"{len(cases)} training phantoms ready in {time.time() - t0:.0f}s", flush=True)
 
     net = build_network()
+    if init is not None:  # fine-tune: start from these weights with a fresh optimiser and schedule
+        net.load_state_dict(torch.load(init, map_location="cpu", weights_only=True))
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     warmup = 200
 
@@ -234,12 +262,13 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--validate-every", type=int, default=500)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--init", type=Path, help="start from these weights (a best.pt), e.g. for a second phase")
     p.add_argument("--export", type=Path, help="only export best.pt of --out into this model folder")
     a = p.parse_args(argv)
     if a.export:
         print(export(a.out, a.export))
         return
-    train(a.out, a.iterations, a.seed, a.cases, a.batch_size, a.lr, a.validate_every, a.threads)
+    train(a.out, a.iterations, a.seed, a.cases, a.batch_size, a.lr, a.validate_every, a.threads, a.init)
 
 
 if __name__ == "__main__":
