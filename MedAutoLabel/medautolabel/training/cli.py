@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
               epochs=args.epochs, resume=args.resume, cache_path=args.cache, command=command,
               stop_after_epochs=args.stop_after)
     except MedAutoLabelError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"medautolabel: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: continue with --resume", file=sys.stderr)

@@ -1,0 +1,101 @@
+"""Label many files with one model: the code behind ``medautolabel label`` and Slicer's ``processFiles``.
+
+Each input gets ``<stem>.seg.nrrd`` (or ``.nii.gz``) and ``<stem>.tags.json`` in the output folder,
+written atomically. Inputs whose outputs already exist are skipped (never rewritten) unless
+``overwrite``; one input's error is recorded and the others go on.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+from .errors import Cancelled, InputError, MedAutoLabelError
+from .modelcard import ModelCard
+from .models import resolve_model
+from .outputs import output_paths, write_result
+
+PathLike = Union[str, Path]
+# progress(case_index, case_count, fraction_of_this_case, stage)
+BatchProgress = Callable[[int, int, float, str], None]
+
+_IMAGE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def case_stem(path: PathLike) -> str:
+    """The output name of an input: its file name without the image extension; a DICOM folder's own name.
+
+    Never anything read from inside the file (DICOM headers hold patient names).
+    """
+    p = Path(path)
+    name = p.name
+    if p.is_dir():
+        return name
+    low = name.lower()
+    for suffix in _IMAGE_SUFFIXES:
+        if low.endswith(suffix):
+            return name[: -len(suffix)]
+    return p.stem
+
+
+def check_unique_stems(inputs: Sequence[PathLike]) -> None:
+    """Refuse two inputs that would write the same output files."""
+    seen: Dict[str, Path] = {}
+    for path in inputs:
+        stem = case_stem(path)
+        if stem in seen:
+            raise InputError(f"same output name {stem!r} as {seen[stem]}: rename one of them", path)
+        seen[stem] = Path(path)
+
+
+def label_files(inputs: Sequence[PathLike], out_dir: PathLike, model: Union[str, Path, ModelCard] = "vessel-nerve-cta",
+                device: str = "auto", fmt: str = "seg.nrrd", overwrite: bool = False,
+                postprocess: bool = True, low_confidence_threshold: Optional[float] = None,
+                progress: Optional[BatchProgress] = None, fail_fast: bool = False,
+                cancel: Optional[Callable[[], bool]] = None) -> List[Dict[str, Any]]:
+    """Label every input; return one record per input (input, stem, status, message, seconds, outputs, result facts).
+
+    ``status`` is "ok", "skipped" (outputs already there) or "error" (``message`` says why). The model
+    is resolved once and its network stays cached between cases. ``fail_fast`` re-raises the first
+    error; ``Cancelled`` always propagates.
+    """
+    from .io import read_image  # SimpleITK import deferred: `medautolabel --help` stays fast
+    from .pipeline import label_image
+
+    card = resolve_model(model)
+    check_unique_stems(inputs)
+    records: List[Dict[str, Any]] = []
+    n = len(inputs)
+    for index, path in enumerate(inputs):
+        stem = case_stem(path)
+        outputs = output_paths(out_dir, stem, fmt)
+        record: Dict[str, Any] = {"input": str(path), "stem": stem, "status": "ok", "message": "",
+                                  "seconds": 0.0, "outputs": [str(p) for p in outputs]}
+        records.append(record)
+        if not overwrite and all(p.exists() for p in outputs):
+            record["status"] = "skipped"
+            record["message"] = "outputs already exist"
+            continue
+        t0 = time.perf_counter()
+
+        def case_progress(fraction: float, stage: str, index: int = index) -> None:
+            if progress is not None:
+                progress(index, n, fraction, stage)
+
+        try:
+            image = read_image(path)
+            result = label_image(image, card, device=device, progress=case_progress, cancel=cancel,
+                                 postprocess=postprocess, low_confidence_threshold=low_confidence_threshold)
+            write_result(result, out_dir, stem, fmt)
+            record["facts"] = result.facts()
+        except Cancelled:
+            raise
+        except MedAutoLabelError as e:
+            record["status"] = "error"
+            record["message"] = str(e)
+            if fail_fast:
+                raise
+        finally:
+            record["seconds"] = round(time.perf_counter() - t0, 3)
+    return records
