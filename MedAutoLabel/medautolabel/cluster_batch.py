@@ -1,0 +1,172 @@
+"""``medautolabel batch``: a folder of studies labelled on a Dask cluster, resumable, with a summary CSV.
+
+Each case runs ``batch.label_files`` for one input on a Dask worker (a local cluster of worker
+processes by default, or the cluster at ``scheduler``). Finished cases (both output files present)
+are skipped and never rewritten, so a killed batch is resumed by running it again. A case that
+fails is recorded in the summary and the others go on. Workers keep their loaded network between
+cases.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+from .atomic import atomic_output
+from .batch import case_stem, check_unique_stems
+from .errors import InputError
+from .outputs import output_paths
+
+PathLike = Union[str, Path]
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+SUMMARY = "summary.csv"
+
+
+def find_cases(input_dir: PathLike) -> List[Path]:
+    """Image files (by extension, any depth) and DICOM series folders (folders holding .dcm files) under ``input_dir``."""
+    root = Path(input_dir)
+    if not root.is_dir():
+        raise InputError("not a folder", root)
+    cases: List[Path] = []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        here = Path(folder)
+        if any(f.lower().endswith(DICOM_SUFFIXES) for f in files):
+            cases.append(here)
+            continue
+        for name in sorted(files):
+            low = name.lower()
+            if low.endswith(IMAGE_SUFFIXES) and not low.endswith(".seg.nrrd") and not name.startswith("."):
+                cases.append(here / name)
+    if not cases:
+        raise InputError("no images found (NIfTI, NRRD, MetaImage files or DICOM series folders)", root)
+    return cases
+
+
+def _finished(case: Path, out_dir: Path, fmt: str) -> bool:
+    return all(p.exists() for p in output_paths(out_dir, case_stem(case), fmt))
+
+
+def _facts_from_tags(case: Path, out_dir: Path, fmt: str) -> Dict[str, Any]:
+    tags = output_paths(out_dir, case_stem(case), fmt)[-1]
+    try:
+        return json.loads(tags.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def label_case(path: str, out_dir: str, model: str, device: str, fmt: str, threads: int) -> Dict[str, Any]:
+    """Label one case on a worker: the task Dask runs (also callable directly)."""
+    import torch
+
+    from .batch import label_files
+
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    record = label_files([path], out_dir, model=model, device=device, fmt=fmt)[0]
+    try:
+        from distributed import get_worker
+
+        record["worker"] = get_worker().name
+    except (ImportError, ValueError):
+        record["worker"] = "local"
+    return record
+
+
+def _client(workers: int, scheduler: Optional[str]):
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        return Client(scheduler), None
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                           silence_logs=40)
+    return Client(cluster), cluster
+
+
+def run_batch(cases: Sequence[PathLike], out_dir: PathLike, model: str = "vessel-nerve-cta", device: str = "auto",
+              fmt: str = "seg.nrrd", workers: int = 1, scheduler: Optional[str] = None,
+              threads_per_worker: Optional[int] = None,
+              on_done: Optional[Callable[[Dict[str, Any], int, int], None]] = None) -> List[Dict[str, Any]]:
+    """Label ``cases`` into ``out_dir`` on Dask; write ``out_dir/summary.csv``; return one record per case."""
+    from .models import resolve_model
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [Path(c) for c in cases]
+    check_unique_stems(paths)
+    model_ref = str(Path(model).resolve()) if Path(model).exists() else str(model)  # workers may run elsewhere
+    resolve_model(model_ref)  # a bad model fails here, once, before any cluster starts
+    threads = threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, workers))
+
+    records: Dict[Path, Dict[str, Any]] = {}
+    todo = []
+    for p in paths:
+        if _finished(p, out, fmt):
+            records[p] = {"input": str(p), "stem": case_stem(p), "status": "skipped",
+                          "message": "outputs already exist", "seconds": 0.0, "worker": "",
+                          "facts": _facts_from_tags(p, out, fmt)}
+        else:
+            todo.append(p)
+    done = len(records)
+    if todo:
+        from distributed import as_completed
+
+        client, cluster = _client(workers, scheduler)
+        try:
+            futures = {client.submit(label_case, str(p), str(out), model_ref, device, fmt, threads, pure=False): p
+                       for p in todo}
+            for future in as_completed(futures):
+                p = futures[future]
+                try:
+                    records[p] = future.result()
+                except Exception as e:  # a crash inside one case (not a user error) must not stop the batch
+                    records[p] = {"input": str(p), "stem": case_stem(p), "status": "error",
+                                  "message": f"{p}: {type(e).__name__}: {e}", "seconds": 0.0, "worker": ""}
+                done += 1
+                if on_done is not None:
+                    on_done(records[p], done, len(paths))
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    ordered = [records[p] for p in paths]
+    write_summary(ordered, out / SUMMARY)
+    return ordered
+
+
+def summary_rows(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One flat row per case: case, status, seconds, message, worker, each task's class and p, each segment's mL."""
+    rows = []
+    for r in records:
+        facts = r.get("facts") or {}
+        row: Dict[str, Any] = {"case": r["stem"], "input": r["input"], "status": r["status"],
+                               "seconds": r.get("seconds", 0.0), "message": r.get("message", ""),
+                               "worker": r.get("worker", "")}
+        for c in facts.get("classifications", []):
+            row[c["task"]] = c["label"]
+            row[f"{c['task']} p"] = round(float(c["probability"]), 4)
+        for s in facts.get("segments", []):
+            row[f"{s['name']} mL"] = round(float(s["volume_ml"]), 4)
+        rows.append(row)
+    return rows
+
+
+def write_summary(records: Sequence[Dict[str, Any]], path: PathLike) -> Path:
+    """Write the summary CSV atomically (columns: the union over cases, in first-seen order)."""
+    rows = summary_rows(records)
+    columns: List[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buffer = _io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    target = Path(path)
+    with atomic_output(target) as tmp:
+        Path(tmp).write_text(buffer.getvalue(), encoding="utf-8")
+    return target

@@ -1,0 +1,109 @@
+"""``medautolabel batch``: a local Dask cluster, resume after the process is killed, one bad case among good ones."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from thresholdmodel import CENTER, sphere_image, write_threshold_model
+
+from medautolabel.atomic import TEMP_PREFIX
+from medautolabel.cli import main
+from medautolabel.cluster_batch import find_cases
+from medautolabel.io import write_image
+
+pytest.importorskip("distributed")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_threshold_model(tmp_path_factory.mktemp("threshold-model"))
+
+
+def make_studies(folder: Path, n: int) -> list:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for c in range(n):
+        sub = folder / f"site{c % 2}"
+        sub.mkdir(exist_ok=True)
+        image = sphere_image("oblique-anisotropic", center=CENTER + np.array([c - 1.5, 0.0, 0.0]))
+        path = sub / f"case{c:02d}.nii.gz"
+        write_image(image, path)
+        paths.append(path)
+    return paths
+
+
+def read_summary(out: Path) -> dict:
+    with open(out / "summary.csv", newline="") as f:
+        return {row["case"]: row for row in csv.DictReader(f)}
+
+
+def test_find_cases_takes_images_and_dicom_folders(tmp_path):
+    make_studies(tmp_path / "in", 2)
+    dicom = tmp_path / "in" / "series7"
+    dicom.mkdir()
+    (dicom / "0001.dcm").write_bytes(b"")
+    (tmp_path / "in" / "notes.txt").write_text("x")
+    (tmp_path / "in" / "old.seg.nrrd").write_text("x")
+    names = [p.name for p in find_cases(tmp_path / "in")]
+    assert names == ["series7", "case00.nii.gz", "case01.nii.gz"]
+
+
+def test_two_workers_label_every_case_and_write_a_summary(model_dir, tmp_path, capsys):
+    make_studies(tmp_path / "in", 4)
+    bad = tmp_path / "in" / "site0" / "broken.nrrd"
+    bad.write_bytes(b"NRRD0004\ntype: short\n")
+    out = tmp_path / "out"
+    status = main(["batch", str(tmp_path / "in"), "-o", str(out), "--model", str(model_dir), "--device", "cpu",
+                   "--workers", "2", "-q"])
+    assert status == 2  # one case failed; the others were labelled
+    rows = read_summary(out)
+    assert set(rows) == {"case00", "case01", "case02", "case03", "broken"}
+    assert rows["broken"]["status"] == "error" and "broken.nrrd" in rows["broken"]["message"]
+    ok = [rows[f"case{c:02d}"] for c in range(4)]
+    assert all(r["status"] == "ok" for r in ok)
+    assert len({r["worker"] for r in ok}) == 2  # both workers took cases
+    for r in ok:
+        assert r["aneurysm"] == "absent" and float(r["Vessel mL"]) == pytest.approx(1.44, rel=0.08)
+        assert (out / f"{r['case']}.seg.nrrd").exists() and (out / f"{r['case']}.tags.json").exists()
+    assert not (out / "broken.seg.nrrd").exists() and not (out / "broken.tags.json").exists()
+    assert "2 failed" not in capsys.readouterr().out
+
+
+def test_a_killed_batch_resumes_without_rewriting_finished_cases(model_dir, tmp_path):
+    make_studies(tmp_path / "in", 6)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "medautolabel", "batch", str(tmp_path / "in"), "-o", str(out),
+           "--model", str(model_dir), "--device", "cpu", "--workers", "1", "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and len(list(out.glob("*.tags.json"))) < 2:
+            time.sleep(0.2)
+        assert len(list(out.glob("*.tags.json"))) >= 2, "the batch did not get going"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: driver, scheduler, worker
+        proc.wait(timeout=30)
+    finished = {p.name: p.stat().st_mtime_ns for p in out.glob("*.seg.nrrd")}
+    assert 2 <= len(finished) < 6
+    assert not (out / "summary.csv").exists()
+
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = read_summary(out)
+    assert len(rows) == 6 and all(r["status"] in ("ok", "skipped") for r in rows.values())
+    assert {f"{c}.seg.nrrd" for c, r in rows.items() if r["status"] == "skipped"} == set(finished)
+    for name, mtime in finished.items():
+        assert (out / name).stat().st_mtime_ns == mtime  # never rewritten
+    for r in rows.values():  # skipped cases still report their classes and volumes, from their tags
+        assert r["aneurysm"] == "absent" and float(r["Vessel mL"]) > 1.0
+    # A SIGKILL during a write can leave a recognisable temporary (never mistaken for an output)
+    unexpected = [p.name for p in out.iterdir() if p.name.startswith(".") and not p.name.startswith(TEMP_PREFIX)]
+    assert unexpected == []
