@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from .atomic import atomic_output
 from .batch import case_stem, check_unique_stems
-from .errors import InputError
+from .errors import InputError, MedAutoLabelError
 from .outputs import output_paths
 
 PathLike = Union[str, Path]
@@ -79,7 +79,10 @@ def label_case(path: str, out_dir: str, model: str, device: str, fmt: str, threa
 
 
 def _client(workers: int, scheduler: Optional[str]):
-    from distributed import Client, LocalCluster
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise MedAutoLabelError("'medautolabel batch' needs Dask: pip install 'medautolabel[cluster]'") from None
 
     if scheduler:
         return Client(scheduler), None
@@ -114,9 +117,9 @@ def run_batch(cases: Sequence[PathLike], out_dir: PathLike, model: str = "vessel
             todo.append(p)
     done = len(records)
     if todo:
+        client, cluster = _client(workers, scheduler)
         from distributed import as_completed
 
-        client, cluster = _client(workers, scheduler)
         try:
             futures = {client.submit(label_case, str(p), str(out), model_ref, device, fmt, threads, pure=False): p
                        for p in todo}
