@@ -19,6 +19,7 @@ from .errors import MedAutoLabelError
 # runs it and returns the exit status.
 COMMAND_MODULES = (
     "medautolabel.training.cli",
+    "medautolabel.evaluation.cli",
 )
 
 LABEL_EPILOG = """examples:

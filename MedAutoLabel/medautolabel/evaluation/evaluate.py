@@ -1,0 +1,91 @@
+"""Evaluate prediction labelmaps against references: per case and label, per class, and the report files."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Union
+
+from .. import __version__
+from ..image import Image
+from .align import to_reference_grid
+from .metrics import classification_metrics, segment_metrics
+from .pairing import pair_cases, predicted_classes, read_labelmap, reference_classes
+from .report import summarise, write_csv, write_html, write_summary
+
+PathLike = Union[str, Path]
+
+
+def evaluate_labelmaps(pred: Image, ref: Image, labels: Dict[int, str]) -> List[Dict[str, Any]]:
+    """Metrics of one prediction against its reference, per label value in ``labels`` (value -> name).
+
+    The prediction is compared on the reference's grid (resampled, nearest neighbour, in physical
+    space when the grids differ; an InputError when they barely overlap). Each row: label, name,
+    dice, hd95_mm, msd_mm, volume_pred_ml, volume_ref_ml, volume_diff_ml, volume_diff_percent, resampled.
+    This is what the Slicer module's Evaluate section calls.
+    """
+    aligned, resampled = to_reference_grid(pred, ref)
+    rows = segment_metrics(aligned, ref, labels)
+    for r in rows:
+        r["resampled"] = resampled
+    return rows
+
+
+def evaluate_cases(pred: PathLike, ref: PathLike) -> Dict[str, Any]:
+    """Evaluate every (prediction, reference) pair; returns {"rows": [...], "summary": {...}}."""
+    rows: List[Dict[str, Any]] = []
+    truth: Dict[str, List[bool]] = {}
+    scores: Dict[str, List[float]] = {}
+    classes: Dict[str, List[str]] = {}
+    cases = []
+    for case, pred_path, ref_path in pair_cases(pred, ref):
+        p, r = read_labelmap(pred_path), read_labelmap(ref_path)
+        names = {**{v: n for v, n in p.names.items()}, **r.names} or {
+            int(v): f"label {int(v)}" for v in set(r.image.array.ravel().tolist()) - {0}}
+        aligned, resampled = to_reference_grid(p.image, r.image, pred_path)
+        for row in segment_metrics(aligned, r.image, names):
+            row.update(case=case, resampled=resampled)
+            rows.append(row)
+        cases.append(case)
+        ref_classes, probs = reference_classes(ref_path), predicted_classes(pred_path)
+        for task, label in ref_classes.items():
+            if task in probs:
+                absent, present = _class_order(task, probs[task])
+                classes[task] = [absent, present]
+                truth.setdefault(task, []).append(label == present)
+                scores.setdefault(task, []).append(float(probs[task][present]))
+    summary: Dict[str, Any] = {"format": "medautolabel-evaluation/1", "medautolabel_version": __version__,
+                               "cases": cases, "segmentation": summarise(rows), "classification": {}}
+    for task in truth:
+        summary["classification"][task] = dict(classification_metrics(truth[task], scores[task]),
+                                               classes=classes[task])
+    return {"rows": rows, "summary": summary}
+
+
+def _class_order(task: str, probabilities: Dict[str, float]):
+    names = list(probabilities)
+    if len(names) != 2:
+        raise ValueError(f"task {task!r}: only two-class tasks are evaluated")
+    if "present" in names:
+        return [n for n in names if n != "present"][0], "present"
+    return names[0], names[1]
+
+
+def write_report(evaluation: Dict[str, Any], report_dir: PathLike, command: str = "") -> Path:
+    """Write metrics.csv, summary.json and report.html into ``report_dir`` all at once (temp folder, rename)."""
+    target = Path(report_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".~medautolabel-report-", dir=str(target.parent)))
+    try:
+        summary = dict(evaluation["summary"], command=command)
+        write_csv(evaluation["rows"], tmp / "metrics.csv")
+        write_summary(summary, tmp / "summary.json")
+        write_html(evaluation["rows"], summary, tmp / "report.html")
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

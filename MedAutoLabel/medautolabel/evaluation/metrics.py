@@ -1,0 +1,101 @@
+"""Segmentation and classification metrics with known conventions for empty masks.
+
+Dice, HD95 and mean symmetric surface distance come from MONAI (``compute_dice``,
+``compute_hausdorff_distance(percentile=95)``, ``compute_average_surface_distance(symmetric=True)``)
+with the voxel spacing in millimetres. Empty masks: both empty -> Dice 1, distances 0; exactly
+one empty -> Dice 0, distances NaN ("n/a" in reports).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Dict, List, Sequence
+
+import numpy as np
+import torch
+
+from ..image import Image
+
+
+def _spacing_kji(image: Image) -> List[float]:
+    return [float(s) for s in np.linalg.norm(image.ijk_to_ras[:3, :3], axis=0)[::-1]]
+
+
+def _masks(pred: np.ndarray, ref: np.ndarray):
+    return (torch.from_numpy(np.ascontiguousarray(pred))[None, None].float(),
+            torch.from_numpy(np.ascontiguousarray(ref))[None, None].float())
+
+
+def mask_metrics(pred: np.ndarray, ref: np.ndarray, spacing_kji: Sequence[float], voxel_ml: float) -> Dict[str, float]:
+    """Dice, HD95 (mm), mean symmetric surface distance (mm) and volumes (mL) of two boolean masks."""
+    from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
+
+    n_pred, n_ref = int(pred.sum()), int(ref.sum())
+    out: Dict[str, float] = {"volume_pred_ml": n_pred * voxel_ml, "volume_ref_ml": n_ref * voxel_ml}
+    out["volume_diff_ml"] = out["volume_pred_ml"] - out["volume_ref_ml"]
+    out["volume_diff_percent"] = 100.0 * out["volume_diff_ml"] / out["volume_ref_ml"] if n_ref else math.nan
+    if n_pred == 0 and n_ref == 0:
+        out.update(dice=1.0, hd95_mm=0.0, msd_mm=0.0)
+        return out
+    if n_pred == 0 or n_ref == 0:
+        out.update(dice=0.0, hd95_mm=math.nan, msd_mm=math.nan)
+        return out
+    p, r = _masks(pred, ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out["dice"] = float(compute_dice(p, r, include_background=True, ignore_empty=False))
+        out["hd95_mm"] = float(compute_hausdorff_distance(p, r, include_background=True, percentile=95,
+                                                          spacing=list(spacing_kji)))
+        out["msd_mm"] = float(compute_average_surface_distance(p, r, include_background=True, symmetric=True,
+                                                               spacing=list(spacing_kji)))
+    return out
+
+
+def segment_metrics(pred: Image, ref: Image, labels: Dict[int, str]) -> List[Dict[str, Any]]:
+    """Per label value: name, dice, hd95_mm, msd_mm, volumes. ``pred`` must already be on ``ref``'s grid."""
+    if pred.array.shape != ref.array.shape:
+        raise ValueError("prediction and reference must be on the same grid (see evaluation.align)")
+    spacing = _spacing_kji(ref)
+    voxel_ml = float(abs(np.linalg.det(ref.ijk_to_ras[:3, :3]))) / 1000.0
+    rows = []
+    for value, name in sorted(labels.items()):
+        row: Dict[str, Any] = {"label": int(value), "name": name}
+        row.update(mask_metrics(pred.array == value, ref.array == value, spacing, voxel_ml))
+        rows.append(row)
+    return rows
+
+
+def roc_points(truth: Sequence[bool], score: Sequence[float]) -> List[List[float]]:
+    """ROC curve as [false-positive rate, true-positive rate] points, from (0, 0) to (1, 1)."""
+    t = np.asarray(truth, dtype=bool)
+    s = np.asarray(score, dtype=float)
+    pos, neg = int(t.sum()), int((~t).sum())
+    points = [[0.0, 0.0]]
+    for threshold in sorted(set(s.tolist()), reverse=True):
+        chosen = s >= threshold
+        points.append([float((chosen & ~t).sum()) / max(neg, 1), float((chosen & t).sum()) / max(pos, 1)])
+    if points[-1] != [1.0, 1.0]:
+        points.append([1.0, 1.0])
+    return points
+
+
+def classification_metrics(truth: Sequence[bool], probability: Sequence[float],
+                           threshold: float = 0.5) -> Dict[str, Any]:
+    """Accuracy, sensitivity, specificity, ROC AUC (MONAI ``compute_roc_auc``; NaN with one class only),
+    confusion matrix [[TN, FP], [FN, TP]] at ``threshold``, and the ROC points."""
+    from monai.metrics import compute_roc_auc
+
+    t = np.asarray(truth, dtype=bool)
+    p = np.asarray(probability, dtype=float)
+    called = p >= threshold
+    tp, tn = int((called & t).sum()), int((~called & ~t).sum())
+    fp, fn = int((called & ~t).sum()), int((~called & t).sum())
+    auc = math.nan
+    if 0 < t.sum() < len(t):
+        auc = float(compute_roc_auc(torch.from_numpy(p), torch.from_numpy(t.astype(np.float64))))
+    return {"n": int(len(t)), "positives": int(t.sum()), "threshold": threshold,
+            "accuracy": (tp + tn) / len(t) if len(t) else math.nan,
+            "sensitivity": tp / (tp + fn) if tp + fn else math.nan,
+            "specificity": tn / (tn + fp) if tn + fp else math.nan,
+            "roc_auc": auc, "confusion": [[tn, fp], [fn, tp]], "roc": roc_points(t, p)}

@@ -1,0 +1,167 @@
+"""metrics.csv, summary.json and a self-contained report.html (inline SVG, no scripts, opens offline)."""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import numpy as np
+
+COLUMNS = ["case", "label", "name", "dice", "hd95_mm", "msd_mm", "volume_pred_ml", "volume_ref_ml",
+           "volume_diff_ml", "volume_diff_percent", "resampled"]
+METRICS = ["dice", "hd95_mm", "msd_mm", "volume_diff_ml"]
+
+
+def _num(x: Any, digits: int = 4) -> str:
+    if isinstance(x, float):
+        return "n/a" if math.isnan(x) else ("inf" if math.isinf(x) else f"{x:.{digits}f}")
+    return str(x)
+
+
+def summarise(rows: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """Per label name and metric: n, mean, median, std, min, max over cases (NaN values left out, counted)."""
+    out: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for name in dict.fromkeys(r["name"] for r in rows):
+        out[name] = {}
+        for metric in METRICS:
+            values = np.array([r[metric] for r in rows if r["name"] == name], dtype=float)
+            finite = values[np.isfinite(values)]
+            stats = {"n": int(len(values)), "n_undefined": int(len(values) - len(finite))}
+            if len(finite):
+                stats.update(mean=float(finite.mean()), median=float(np.median(finite)), std=float(finite.std()),
+                             min=float(finite.min()), max=float(finite.max()))
+            out[name][metric] = stats
+    return out
+
+
+def write_csv(rows: Sequence[Dict[str, Any]], path: Path) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _num(r[k], 6) if isinstance(r.get(k), float) else r.get(k, "") for k in COLUMNS})
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def write_summary(summary: Dict[str, Any], path: Path) -> None:
+    """JSON with NaN/inf written as null (strict JSON)."""
+    path.write_text(json.dumps(_json_safe(summary), indent=2) + "\n", encoding="utf-8")
+
+
+# --- SVG plots -------------------------------------------------------------------------------------
+
+def dice_plot(rows: Sequence[Dict[str, Any]], width: int = 520, height: int = 260) -> str:
+    """Dice of every case per label: dots plus a median bar."""
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    left, bottom, top = 50, 30, 15
+    plot_h = height - bottom - top
+    col_w = (width - left - 10) / max(1, len(names))
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+             f'aria-label="Dice per label">']
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        y = top + plot_h * (1 - tick)
+        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - 10}" y2="{y:.1f}" stroke="#ddd"/>'
+                     f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="11" text-anchor="end">{tick:.2f}</text>')
+    for n, name in enumerate(names):
+        values = [r["dice"] for r in rows if r["name"] == name and math.isfinite(r["dice"])]
+        cx = left + col_w * (n + 0.5)
+        for m, v in enumerate(values):
+            jitter = ((m * 37) % 21 - 10) / 10 * col_w * 0.15
+            parts.append(f'<circle cx="{cx + jitter:.1f}" cy="{top + plot_h * (1 - v):.1f}" r="3.5" '
+                         f'fill="#3b6ea8" fill-opacity="0.7"><title>{html.escape(name)}: {v:.3f}</title></circle>')
+        if values:
+            ym = top + plot_h * (1 - float(np.median(values)))
+            parts.append(f'<line x1="{cx - col_w * 0.3:.1f}" y1="{ym:.1f}" x2="{cx + col_w * 0.3:.1f}" y2="{ym:.1f}" '
+                         f'stroke="#c0392b" stroke-width="2"/>')
+        parts.append(f'<text x="{cx:.1f}" y="{height - 10}" font-size="12" text-anchor="middle">'
+                     f'{html.escape(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def roc_plot(points: Sequence[Sequence[float]], auc: float, size: int = 260) -> str:
+    pad = 35
+    s = size - 2 * pad
+    xy = " ".join(f"{pad + x * s:.1f},{pad + (1 - y) * s:.1f}" for x, y in points)
+    label = "AUC n/a" if not math.isfinite(auc) else f"AUC {auc:.3f}"
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{size}" height="{size}" role="img" aria-label="ROC curve">'
+            f'<rect x="{pad}" y="{pad}" width="{s}" height="{s}" fill="none" stroke="#888"/>'
+            f'<line x1="{pad}" y1="{pad + s}" x2="{pad + s}" y2="{pad}" stroke="#ccc" stroke-dasharray="4"/>'
+            f'<polyline points="{xy}" fill="none" stroke="#3b6ea8" stroke-width="2"/>'
+            f'<text x="{size / 2}" y="{size - 8}" font-size="11" text-anchor="middle">false-positive rate</text>'
+            f'<text x="12" y="{size / 2}" font-size="11" text-anchor="middle" '
+            f'transform="rotate(-90 12 {size / 2})">true-positive rate</text>'
+            f'<text x="{pad + s - 4}" y="{pad + s - 8}" font-size="12" text-anchor="end">{label}</text></svg>')
+
+
+def confusion_plot(confusion: Sequence[Sequence[int]], classes: Sequence[str], size: int = 220) -> str:
+    pad = 60
+    cell = (size - pad) / 2
+    total = max(1, sum(sum(r) for r in confusion))
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{size + 10}" height="{size + 10}" role="img" '
+             f'aria-label="Confusion matrix">']
+    for t in range(2):
+        for p in range(2):
+            count = int(confusion[t][p])
+            shade = int(255 - 180 * count / total)
+            x, y = pad + p * cell, pad + t * cell
+            parts.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{cell:.1f}" height="{cell:.1f}" '
+                         f'fill="rgb({shade},{shade},255)" stroke="#555"/>'
+                         f'<text x="{x + cell / 2:.1f}" y="{y + cell / 2 + 5:.1f}" font-size="16" '
+                         f'text-anchor="middle">{count}</text>')
+        parts.append(f'<text x="{pad - 6}" y="{pad + t * cell + cell / 2 + 4:.1f}" font-size="11" '
+                     f'text-anchor="end">{html.escape(classes[t])}</text>')
+        parts.append(f'<text x="{pad + t * cell + cell / 2:.1f}" y="{pad - 8}" font-size="11" '
+                     f'text-anchor="middle">{html.escape(classes[t])}</text>')
+    parts.append(f'<text x="{pad + cell}" y="14" font-size="11" text-anchor="middle">predicted</text>'
+                 f'<text x="10" y="{pad + cell}" font-size="11" transform="rotate(-90 10 {pad + cell})" '
+                 f'text-anchor="middle">reference</text></svg>')
+    return "".join(parts)
+
+
+def _table(header: List[str], body: List[List[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(_num(v, 3))}</td>" for v in row) + "</tr>" for row in body)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def write_html(rows: Sequence[Dict[str, Any]], summary: Dict[str, Any], path: Path) -> None:
+    per_label = summary["segmentation"]
+    body = [f"<h1>MedAutoLabel evaluation</h1><p>{len(summary['cases'])} cases; "
+            f"{sum(bool(r['resampled']) for r in rows)} label rows from predictions resampled onto their "
+            f"reference grid.</p>", "<h2>Segmentation</h2>", dice_plot(rows)]
+    stats = [[name, m["dice"].get("mean", math.nan), m["dice"].get("median", math.nan),
+              m["hd95_mm"].get("mean", math.nan), m["msd_mm"].get("mean", math.nan),
+              m["volume_diff_ml"].get("mean", math.nan), m["dice"]["n"]] for name, m in per_label.items()]
+    body.append(_table(["label", "Dice mean", "Dice median", "HD95 mean (mm)", "MSD mean (mm)",
+                        "volume diff mean (mL)", "cases"], stats))
+    for task, c in summary.get("classification", {}).items():
+        body.append(f"<h2>Classification: {html.escape(task)}</h2>")
+        body.append('<div class="row">' + roc_plot(c["roc"], c["roc_auc"]) +
+                    confusion_plot(c["confusion"], c["classes"]) + "</div>")
+        body.append(_table(["n", "positives", "accuracy", "sensitivity", "specificity", "ROC AUC"],
+                           [[c["n"], c["positives"], c["accuracy"], c["sensitivity"], c["specificity"],
+                             c["roc_auc"]]]))
+    body.append("<h2>Per case</h2>")
+    body.append(_table(["case", "label", "Dice", "HD95 (mm)", "MSD (mm)", "pred mL", "ref mL", "resampled"],
+                       [[r["case"], r["name"], r["dice"], r["hd95_mm"], r["msd_mm"], r["volume_pred_ml"],
+                         r["volume_ref_ml"], "yes" if r["resampled"] else "no"] for r in rows]))
+    style = ("body{font-family:sans-serif;margin:2em;max-width:60em}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}"
+             ".row{display:flex;gap:2em;align-items:center}")
+    doc = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>MedAutoLabel evaluation</title>'
+           f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+    path.write_text(doc, encoding="utf-8")
