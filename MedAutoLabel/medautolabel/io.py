@@ -339,11 +339,12 @@ def _regularise(array: np.ndarray, a: np.ndarray, b: np.ndarray, h: np.ndarray,
 
 # --- writing -----------------------------------------------------------------------------------
 
-def write_image(image: Image, path: PathLike, atomic: bool = True) -> Path:
+def write_image(image: Image, path: PathLike, atomic: bool = True, compress: Optional[bool] = None) -> Path:
     """Write ``image`` as .nrrd, .nii.gz, .nii or .mha (by extension); return the path.
 
     With ``atomic`` (the default) the file appears complete or not at all; ``atomic=False`` is for
-    callers that already write to a temporary name (see ``atomic.atomic_outputs``).
+    callers that already write to a temporary name (see ``atomic.atomic_outputs``). ``compress``
+    defaults to yes except for .nii; ``False`` is for fast hand-overs between processes.
     """
     import SimpleITK as sitk
 
@@ -359,7 +360,7 @@ def write_image(image: Image, path: PathLike, atomic: bool = True) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(p) if atomic else contextlib.nullcontext(p) as target:
         try:
-            sitk.WriteImage(sitk_image, str(target), useCompression=ext != ".nii")
+            sitk.WriteImage(sitk_image, str(target), useCompression=ext != ".nii" if compress is None else compress)
         except RuntimeError:
             raise MedAutoLabelError("cannot write the image file (disk full or no permission?)", p) from None
     return p

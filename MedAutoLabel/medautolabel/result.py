@@ -64,3 +64,22 @@ class Result:
             "segments": [asdict(s) for s in self.segments],
             "provenance": self.provenance,
         }
+
+
+def _code(d: Optional[Dict[str, Any]]) -> Optional[Code]:
+    return None if not d else Code(str(d["scheme"]), str(d["value"]), str(d["meaning"]))
+
+
+def result_from_facts(labelmap: Image, facts: Dict[str, Any]) -> Result:
+    """Rebuild a Result from its labelmap and ``Result.facts()`` (e.g. a ``tags.json`` read back)."""
+    segments = []
+    for s in facts.get("segments", []):
+        t = s["terminology"]
+        terminology = Terminology(_code(t["category"]), _code(t["type"]), _code(t.get("type_modifier")),
+                                  _code(t.get("anatomic_region")))
+        segments.append(SegmentInfo(int(s["label_value"]), s["name"], tuple(s["color"]), terminology,
+                                    int(s.get("voxel_count", 0)), float(s.get("volume_ml", 0.0)),
+                                    float(s.get("mean_confidence", 0.0)), bool(s.get("low_confidence", False))))
+    classes = [Classification(c["task"], c["label"], float(c["probability"]), dict(c.get("probabilities", {})),
+                              bool(c.get("low_confidence", False))) for c in facts.get("classifications", [])]
+    return Result(labelmap, segments, classes, dict(facts.get("provenance", {})))

@@ -1,0 +1,71 @@
+"""The background worker: a Python process (Slicer's PythonSlicer) that labels images on request.
+
+Protocol, one JSON object per line. The worker prints ``{"event": "ready"}``, then for each request
+read from stdin ``{"id", "image", "output", "model", "device", "postprocess", "low_confidence",
+"modality"}`` it prints ``{"id", "event": "progress", "fraction", "stage"}`` lines and finally
+``{"id", "event": "done", "segmentation", "tags"}`` or ``{"id", "event": "error", "message",
+"details"}``. It stays alive for the next request, so the model is loaded once (the engine caches
+networks), and ends at end of input. Run as ``python worker.py`` with the module folder on sys.path.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Dict, TextIO
+
+
+def _send(stream: TextIO, message: Dict[str, Any]) -> None:
+    stream.write(json.dumps(message) + "\n")
+    stream.flush()
+
+
+def handle(request: Dict[str, Any], out: TextIO) -> None:
+    """Label one image file and write ``result.seg.nrrd`` + ``result.tags.json`` into the request's output folder."""
+    from medautolabel.errors import MedAutoLabelError
+    from medautolabel.io import read_image
+    from medautolabel.outputs import write_result
+    from medautolabel.pipeline import label_image
+
+    rid = request.get("id")
+    try:
+        image = read_image(request["image"])
+        if request.get("modality"):
+            image.meta["modality"] = request["modality"]
+
+        def progress(fraction: float, stage: str) -> None:
+            _send(out, {"id": rid, "event": "progress", "fraction": round(float(fraction), 4), "stage": stage})
+
+        result = label_image(image, request["model"], device=request.get("device", "auto"), progress=progress,
+                             postprocess=bool(request.get("postprocess", True)),
+                             low_confidence_threshold=request.get("low_confidence"))
+        seg, tags = write_result(result, Path(request["output"]), "result", "seg.nrrd")
+        _send(out, {"id": rid, "event": "done", "segmentation": str(seg), "tags": str(tags)})
+    except MedAutoLabelError as e:
+        _send(out, {"id": rid, "event": "error", "message": str(e), "details": ""})
+    except Exception as e:  # report, keep serving: the panel shows the details
+        _send(out, {"id": rid, "event": "error", "message": f"{type(e).__name__}: {e}",
+                    "details": traceback.format_exc()})
+
+
+def serve(inp: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
+    _send(out, {"event": "ready"})
+    for line in inp:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            request = json.loads(line)
+        except ValueError:
+            _send(out, {"event": "error", "message": "bad request line", "details": line[:200]})
+            continue
+        handle(request, out)
+
+
+if __name__ == "__main__":
+    here = Path(__file__).resolve().parent.parent  # the module folder: holds medautolabel/ and MedAutoLabelLib/
+    if str(here) not in sys.path:
+        sys.path.insert(0, str(here))
+    serve()
