@@ -65,12 +65,21 @@ class MedAutoLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelSelector.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.show3DButton.connect("clicked(bool)", self.onShow3D)
         self.ui.evaluateButton.connect("clicked(bool)", self.onEvaluate)
+        self.ui.addTrainPairButton.connect("clicked(bool)", self.onAddTrainPair)
+        self.ui.clearTrainPairsButton.connect("clicked(bool)", self.onClearTrainPairs)
+        self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
+        self.trainPairs, self.trainer = [], None
+        self.trainTimer = qt.QTimer()
+        self.trainTimer.setInterval(250)
+        self.trainTimer.connect("timeout()", self.onTrainPoll)
         self.initializeParameterNode()
 
     # --- parameter node -----------------------------------------------------------------------
 
     def cleanup(self) -> None:
         self.cancelRun()
+        if self.trainer is not None:
+            self.trainer.cancel()
         if self.runner is not None:
             self.runner.shutdown()
         self.removeObservers()
@@ -115,8 +124,11 @@ class MedAutoLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def populateModels(self) -> None:
         self.cards = {card.id: card for card in self.logic.availableModels()}
         self.ui.modelSelector.clear()
+        self.ui.trainBaseModelSelector.clear()
+        self.ui.trainBaseModelSelector.addItem("(train from scratch)")
         for model_id in self.cards:
             self.ui.modelSelector.addItem(model_id)
+            self.ui.trainBaseModelSelector.addItem(model_id)
         self.ui.modelSelector.setCurrentText(DEFAULT_MODEL)
         self.onModelChanged()
 
@@ -230,6 +242,65 @@ class MedAutoLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
             slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table.GetID())
             slicer.app.applicationLogic().PropagateTableSelection()
+
+
+    # --- training -----------------------------------------------------------------------------
+
+    def onAddTrainPair(self) -> None:
+        volume, seg = self.ui.trainVolumeSelector.currentNode(), self.ui.trainSegmentationSelector.currentNode()
+        if volume and seg:
+            self.trainPairs.append((volume, seg))
+            self.ui.trainPairsList.addItem(f"{volume.GetName()}  +  {seg.GetName()}")
+
+    def onClearTrainPairs(self) -> None:
+        self.trainPairs = []
+        self.ui.trainPairsList.clear()
+
+    def onTrainButton(self) -> None:
+        from MedAutoLabelLib.runner import BackgroundTrainer
+
+        if self.trainer is not None and self.trainer.running:
+            self.trainer.cancel()
+            self.trainTimer.stop()
+            self.ui.trainButton.text = "Train"
+            self.ui.trainStatusLabel.text = "Cancelled (resume with 'medautolabel train --resume')."
+            return
+        with slicer.util.tryWithErrorDisplay("Could not start training.", waitCursor=True):
+            name = self.ui.trainNameLineEdit.text.strip()
+            self.trainModelDir = self.logic.userModelFolder(name)
+            if self.trainPairs:
+                data = self.logic.exportTrainingDataset(self.trainPairs, self.trainModelDir.parent / f".{name}-data")
+            elif self.ui.trainDatasetPathLineEdit.currentPath:
+                data = self.ui.trainDatasetPathLineEdit.currentPath
+            else:
+                raise ValueError("Add volume + segmentation pairs or choose a dataset folder.")
+            base = self.ui.trainBaseModelSelector.currentText if self.ui.trainBaseModelSelector.currentIndex > 0 \
+                else None
+            self.trainer = self.trainer or BackgroundTrainer()
+            self.trainer.start(data, self.trainModelDir, base=base, epochs=self.ui.trainEpochsSpinBox.value,
+                               device=self._parameterNode.device)
+            self.ui.trainButton.text = "Cancel"
+            self.ui.trainProgressBar.value = 0
+            self.trainTimer.start()
+
+    def onTrainPoll(self) -> None:
+        for m in self.trainer.poll():
+            if m["event"] == "progress":
+                self.ui.trainProgressBar.value = int(100 * m.get("epoch", 0) / max(1, m.get("epochs", 1)))
+                dice = f", validation Dice {m['val_mean_dice']:.3f}" if "val_mean_dice" in m else ""
+                self.ui.trainStatusLabel.text = f"Epoch {m['epoch']}/{m['epochs']}, loss {m['loss']:.4f}{dice}"
+            elif m["event"] == "log":
+                self.ui.trainStatusLabel.text = m["message"]
+            elif m["event"] in ("done", "error"):
+                self.trainTimer.stop()
+                self.ui.trainButton.text = "Train"
+                if m["event"] == "error":
+                    slicer.util.errorDisplay(m["message"], detailedText=m.get("details") or None)
+                else:
+                    card = self.logic.addModelFolder(m["model_dir"])
+                    self.populateModels()
+                    self.ui.modelSelector.setCurrentText(card.id)
+                    self.ui.trainStatusLabel.text = f"Trained: {card.id} (now in the model selector)."
 
 
 class MedAutoLabelTest(ScriptedLoadableModuleTest):

@@ -18,7 +18,7 @@ from thresholdmodel import CENTER, sphere_image, write_threshold_model  # noqa: 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "MedAutoLabel"))
 from medautolabel.image import Image  # noqa: E402
-from medautolabel.io import write_image  # noqa: E402
+from medautolabel.io import read_image, write_image  # noqa: E402
 from medautolabel.pipeline import label_image  # noqa: E402
 from MedAutoLabelLib import installer  # noqa: E402
 from MedAutoLabelLib import scene as scene_io  # noqa: E402
@@ -249,3 +249,61 @@ def test_worker_runs_as_a_plain_script(tmp_path):
     run = subprocess.run([sys.executable, str(worker)], input="", capture_output=True, text=True, timeout=60,
                          check=False)
     assert run.returncode == 0 and run.stdout.strip() == '{"event": "ready"}'
+
+
+def _segmentation_with(scene, volume, masks):
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    seg.CreateDefaultDisplayNodes()
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    for name, mask in masks:
+        sid = seg.GetSegmentation().AddEmptySegment("", name)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(mask.astype(np.uint8), seg, sid, volume)
+    return seg
+
+
+def test_scene_pairs_export_to_a_training_dataset(scene, tmp_path):
+    from medautolabel.training.data import load_dataset
+
+    pairs, truths = [], []
+    for n, grid_name in enumerate(["oblique-anisotropic", "flipped-anisotropic"]):
+        image = sphere_image(grid_name)
+        volume = scene_io.image_to_volume(image, scene, f"Doe^Jane {n}")  # a name that must not leak
+        vessel = image.array > 150
+        nerve = np.zeros_like(vessel)
+        nerve[2:4, 5:9, 5:9] = True
+        masks = [("Vessel", vessel), ("Nerve", nerve)] if n == 0 else [("Nerve", nerve), ("Vessel", vessel)]
+        pairs.append((volume, _segmentation_with(scene, volume, masks)))
+        truths.append((image, vessel, nerve))
+    out = MedAutoLabelLogic(scene).exportTrainingDataset(pairs, tmp_path / "ds")
+    meta = (out / "dataset.json").read_text()
+    assert "Doe" not in meta and "Jane" not in meta
+    dataset = load_dataset(out)
+    assert dataset.labels == {1: "Vessel", 2: "Nerve"} and len(dataset.cases) == 2
+    for case, (image, vessel, nerve) in zip(dataset.cases, truths):
+        img, lab = read_image(case.image), read_image(case.label)
+        np.testing.assert_array_equal(img.array, image.array)
+        np.testing.assert_allclose(lab.ijk_to_ras, image.ijk_to_ras, atol=1e-4)
+        np.testing.assert_array_equal(lab.array == 1, vessel & ~nerve)
+        np.testing.assert_array_equal(lab.array == 2, nerve)
+
+
+def test_background_training_reports_progress_and_cancels_fast(scene, tmp_path):
+    from MedAutoLabelLib.runner import BackgroundTrainer
+
+    image = sphere_image()
+    volume = scene_io.image_to_volume(image, scene, "v")
+    seg = _segmentation_with(scene, volume, [("Vessel", image.array > 150)])
+    data = MedAutoLabelLogic(scene).exportTrainingDataset([(volume, seg)] * 2, tmp_path / "ds")
+    trainer = BackgroundTrainer(python=sys.executable)
+    trainer.start(data, tmp_path / "model", epochs=50, device="cpu")
+    seen = []
+    deadline = time.time() + 180
+    while time.time() < deadline and not any(m["event"] == "progress" for m in seen):
+        seen += trainer.poll()
+        assert not any(m["event"] == "error" for m in seen), seen
+        time.sleep(0.1)
+    assert any(m["event"] == "progress" and m["epochs"] == 50 for m in seen)
+    proc = trainer.process.proc
+    t0 = time.monotonic()
+    trainer.cancel()
+    assert time.monotonic() - t0 < 1.0 and proc.poll() is not None and not trainer.running

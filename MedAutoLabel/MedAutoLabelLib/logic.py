@@ -127,6 +127,25 @@ class MedAutoLabelLogic(ScriptedLoadableModuleLogic):
         return label_files(list(inputPaths), outputDir, model=model or DEFAULT_MODEL, device=device, fmt=fmt,
                            overwrite=overwrite)
 
+    # --- training (the panel's Train section) -------------------------------------------------------
+
+    @staticmethod
+    def userModelFolder(name: str) -> Path:
+        """Where the panel's trained models go: ``$MEDAUTOLABEL_USER_MODELS`` or ``~/.medautolabel/models``."""
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name or ""):
+            raise ValueError("model name: letters, digits, '.', '_' and '-' only (at most 64)")
+        root = Path(os.environ.get("MEDAUTOLABEL_USER_MODELS", Path.home() / ".medautolabel" / "models"))
+        return root.expanduser() / name
+
+    @staticmethod
+    def exportTrainingDataset(pairs, outputDir: Union[str, Path], labelNames: Optional[List[str]] = None) -> Path:
+        """Volume + segmentation pairs from the scene -> an MSD-style dataset folder for training."""
+        from .trainingdata import export_training_dataset
+
+        return export_training_dataset(pairs, outputDir, labelNames)
+
     # --- evaluation (the panel's Evaluate section) ------------------------------------------------
 
     def segmentationToLabelmap(self, segmentationNode, referenceVolumeNode, names: Optional[Dict[int, str]] = None):

@@ -19,11 +19,12 @@ import tempfile
 import threading
 from collections import deque
 from pathlib import Path
-from typing import Any, Deque, Dict, List, Optional
+from typing import Any, Deque, Dict, List, Optional, Sequence
 
 from medautolabel.image import Image
 
 WORKER = Path(__file__).resolve().parent / "worker.py"
+TRAIN_WORKER = Path(__file__).resolve().parent / "train_worker.py"
 MODULE_DIR = WORKER.parent.parent
 
 
@@ -40,7 +41,8 @@ def default_python() -> str:
 class WorkerProcess:
     """One long-lived worker process and the thread that reads its output lines into a queue."""
 
-    def __init__(self, python: Optional[str] = None, env: Optional[Dict[str, str]] = None) -> None:
+    def __init__(self, python: Optional[str] = None, env: Optional[Dict[str, str]] = None,
+                 script: Path = WORKER, args: Sequence[str] = ()) -> None:
         environment = dict(os.environ if env is None else env)
         environment["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR)] + [p for p in
                                                      environment.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -50,7 +52,7 @@ class WorkerProcess:
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
         else:
             kwargs["start_new_session"] = True  # its own process group: cancel kills all of it
-        self.proc = subprocess.Popen([python or default_python(), "-u", str(WORKER)], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([python or default_python(), "-u", str(script), *args], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
                                      env=environment, **kwargs)
         self.messages: queue.Queue[Dict[str, Any]] = queue.Queue()
@@ -193,3 +195,47 @@ class BackgroundLabeller:
             self.worker.close()
             self.worker = None
         self.cleanup()
+
+
+class BackgroundTrainer:
+    """Trains a model in a background process (``train_worker.py``); poll for epochs, losses and the end."""
+
+    def __init__(self, python: Optional[str] = None, env: Optional[Dict[str, str]] = None) -> None:
+        self.python, self.env = python, env
+        self.process: Optional[WorkerProcess] = None
+        self.running = False
+
+    def start(self, data: Path, model_dir: Path, base: Optional[str] = None, epochs: Optional[int] = None,
+              device: str = "auto") -> None:
+        if self.running:
+            raise RuntimeError("a training run is already in progress")
+        arguments = {"data": str(data), "model_dir": str(model_dir), "base": base, "epochs": epochs,
+                     "device": device}
+        self.process = WorkerProcess(self.python, self.env, script=TRAIN_WORKER, args=[json.dumps(arguments)])
+        self.running = True
+
+    def poll(self) -> List[Dict[str, Any]]:
+        """Messages since the last call (never blocks); an unexpected exit becomes an error message."""
+        out: List[Dict[str, Any]] = []
+        if self.process is None:
+            return out
+        while True:
+            try:
+                message = self.process.messages.get_nowait()
+            except queue.Empty:
+                return out
+            if message.get("event") == "exit":
+                if self.running:
+                    out.append({"event": "error", "message": "training ended unexpectedly",
+                                "details": "\n".join(self.process.stderr)})
+                self.running = False
+            else:
+                if message.get("event") in ("done", "error"):
+                    self.running = False
+                out.append(message)
+
+    def cancel(self) -> None:
+        """Stop now; the run folder keeps its last finished epoch (``medautolabel train --resume``)."""
+        if self.process is not None:
+            self.process.kill()
+        self.running = False
