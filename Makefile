@@ -1,7 +1,7 @@
 # MedAutoLabel developer commands. Every target sets up .venv on a fresh machine first.
 #   make demo   label a synthetic CT angiogram with the built-in model (writes out/demo/)
 #   make test   lint (ruff, Python 3.9 rules) + the whole test suite
-#   make bench  speed and memory benchmark (see docs/benchmarks.md)
+
 
 PYTHON ?= python3.11
 VENV := .venv
@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint pytest bench venv clean
+.PHONY: demo test lint pytest venv clean
 
 venv: $(STAMP)
 
@@ -31,9 +31,6 @@ pytest: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test: lint pytest
-
-bench: $(STAMP)
-	$(BIN)/python -m medautolabel.bench --out docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache
