@@ -52,7 +52,7 @@ class MedAutoLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MedAutoLabelLogic()
-        for folder in qt.QSettings().value(MODEL_FOLDERS_SETTING, []) or []:
+        for folder in self.savedModelFolders():
             try:
                 self.logic.addModelFolder(folder)
             except Exception as e:  # a folder that went away: say so, keep the others
@@ -147,13 +147,18 @@ class MedAutoLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                               f"Labels: {labels}<br>Classes: {classes}<br>From: {source}"
                                               + (f"<br>Held-out: {metrics}" if metrics else ""))
 
+    @staticmethod
+    def savedModelFolders():
+        value = qt.QSettings().value(MODEL_FOLDERS_SETTING, [])
+        return [value] if isinstance(value, str) else list(value or [])  # QSettings returns one item as str
+
     def onAddModelFolder(self) -> None:
         folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Model folder (holds model.json)")
         if not folder:
             return
         with slicer.util.tryWithErrorDisplay("This folder is not a usable model.", waitCursor=True):
             card = self.logic.addModelFolder(folder)
-            folders = list(qt.QSettings().value(MODEL_FOLDERS_SETTING, []) or [])
+            folders = self.savedModelFolders()
             qt.QSettings().setValue(MODEL_FOLDERS_SETTING, folders + [folder] if folder not in folders else folders)
             self.populateModels()
             self.ui.modelSelector.setCurrentText(card.id)
