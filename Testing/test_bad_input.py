@@ -104,9 +104,9 @@ def test_broken_model_card(breakage, model_dir, tmp_path, capsys):
     folder = tmp_path / "broken-model"
     shutil.copytree(model_dir, folder)
     card = folder / "model.json"
-    data = json.loads(card.read_text())
+    data = json.loads(card.read_text(encoding="utf-8"))
     if breakage == "not-json":
-        card.write_text(card.read_text()[:-20])
+        card.write_text(card.read_text(encoding="utf-8")[:-20])
         words = ["model.json", "JSON"]
     elif breakage == "missing-field":
         del data["labels"]

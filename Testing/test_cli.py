@@ -41,7 +41,7 @@ def test_label_writes_a_segmentation_slicer_reads_and_tags(model_dir, scan, tmp_
     assert set(names) == {"Vessel", "Nerve"}
     assert names["Vessel"]["terminology"]["type"] == ["SCT", "59820001", "Blood vessel"]
     assert int((seg["voxels"] == names["Vessel"]["labelValue"]).sum()) > 1000
-    tags = json.loads((out / "case01.tags.json").read_text())
+    tags = json.loads((out / "case01.tags.json").read_text(encoding="utf-8"))
     assert tags["format"] == "medautolabel-tags/1" and tags["labelmap_file"] == "case01.seg.nrrd"
     assert tags["classifications"][0]["task"] == "aneurysm" and tags["classifications"][0]["label"] == "absent"
     assert tags["provenance"]["model"]["id"] == "threshold"
@@ -107,7 +107,7 @@ def test_demo_writes_five_files_and_prints_dice(tmp_path, capsys):
 def test_phantoms_writes_an_msd_dataset(tmp_path, capsys):
     out = tmp_path / "ds"
     assert main(["phantoms", "-o", str(out), "-n", "2", "--seed", "1000500", "-q"]) == 0
-    meta = json.loads((out / "dataset.json").read_text())
+    meta = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     assert meta["numTraining"] == 2 and meta["labels"] == {"0": "background", "1": "vessel", "2": "nerve"}
     assert [c["seed"] for c in meta["training"]] == [1000500, 1000501]
     for case in meta["training"]:

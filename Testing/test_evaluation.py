@@ -163,12 +163,12 @@ def test_command_writes_csv_summary_and_an_offline_html_report(tmp_path, capsys)
     assert [(r["case"], r["name"]) for r in rows] == [("a", "vessel"), ("b", "vessel")]
     assert float(rows[0]["dice"]) == 1.0 and float(rows[1]["dice"]) == pytest.approx(sphere_overlap_dice(6, 1.5),
                                                                                      abs=0.02)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["cases"] == ["a", "b"]
     assert summary["segmentation"]["vessel"]["dice"]["n"] == 2
     cls = summary["classification"]["aneurysm"]
     assert cls["roc_auc"] == 1.0 and cls["confusion"] == [[1, 0], [0, 1]]
-    page = (out / "report.html").read_text()
+    page = (out / "report.html").read_text(encoding="utf-8")
     parser = _Tags()
     parser.feed(page)
     assert parser.tags.count("svg") == 3 and "script" not in parser.tags

@@ -81,7 +81,7 @@ def test_nifti_output_with_label_table(tmp_path):
     assert [r["name"] for r in rows] == ["Vessel, main", "Nerve"]
     assert (rows[0]["value"], rows[0]["r"], rows[0]["g"], rows[0]["b"]) == ("1", "217", "64", "51")
     assert parse_terminology_entry(rows[1]["terminology"]) == result.segments[1].terminology
-    assert json.loads(paths[2].read_text())["labelmap_file"] == "case1.nii.gz"
+    assert json.loads(paths[2].read_text(encoding="utf-8"))["labelmap_file"] == "case1.nii.gz"
 
 
 @pytest.mark.parametrize("fmt", ["seg.nrrd", "nii.gz"])
@@ -120,7 +120,7 @@ def test_atomic_output_temp_is_private_hidden_and_keeps_the_extension(tmp_path):
         assert stat.S_IMODE(os.stat(tmp).st_mode) == 0o600
         assert not target.exists()
         tmp.write_text("new")
-    assert target.read_text() == "new" and _no_temp_files(tmp_path)
+    assert target.read_text(encoding="utf-8") == "new" and _no_temp_files(tmp_path)
     assert stat.S_IMODE(os.stat(target).st_mode) & 0o600 == 0o600
 
 
@@ -130,7 +130,7 @@ def test_atomic_output_error_keeps_the_old_file(tmp_path):
     with pytest.raises(RuntimeError), atomic_output(target) as tmp:
         tmp.write_text("half")
         raise RuntimeError("interrupted")
-    assert target.read_text() == "old" and _no_temp_files(tmp_path)
+    assert target.read_text(encoding="utf-8") == "old" and _no_temp_files(tmp_path)
 
 
 def test_atomic_outputs_all_or_nothing(tmp_path):
@@ -142,4 +142,4 @@ def test_atomic_outputs_all_or_nothing(tmp_path):
     with atomic_outputs(targets) as temps:
         for t, text in zip(temps, "ab"):
             t.write_text(text)
-    assert [p.read_text() for p in targets] == ["a", "b"] and _no_temp_files(tmp_path)
+    assert [p.read_text(encoding="utf-8") for p in targets] == ["a", "b"] and _no_temp_files(tmp_path)

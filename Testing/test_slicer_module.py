@@ -275,7 +275,7 @@ def test_scene_pairs_export_to_a_training_dataset(scene, tmp_path):
         pairs.append((volume, _segmentation_with(scene, volume, masks)))
         truths.append((image, vessel, nerve))
     out = MedAutoLabelLogic(scene).exportTrainingDataset(pairs, tmp_path / "ds")
-    meta = (out / "dataset.json").read_text()
+    meta = (out / "dataset.json").read_text(encoding="utf-8")
     assert "Doe" not in meta and "Jane" not in meta
     dataset = load_dataset(out)
     assert dataset.labels == {1: "Vessel", 2: "Nerve"} and len(dataset.cases) == 2

@@ -21,14 +21,14 @@ def ui_widgets():
 
 
 def test_every_widget_the_panel_uses_is_in_the_ui_file():
-    used = set(re.findall(r"self\.ui\.(\w+)", (MODULE / "MedAutoLabel.py").read_text()))
+    used = set(re.findall(r"self\.ui\.(\w+)", (MODULE / "MedAutoLabel.py").read_text(encoding="utf-8")))
     assert len(used) >= 12
     missing = used - set(ui_widgets())
     assert not missing, missing
 
 
 def test_parameter_names_in_the_ui_match_the_parameter_node():
-    source = (MODULE / "MedAutoLabelLib" / "parameters.py").read_text()
+    source = (MODULE / "MedAutoLabelLib" / "parameters.py").read_text(encoding="utf-8")
     declared = set(re.findall(r"^\s{8}(\w+): ", source, re.M))
     bound = set()
     for widget in ui_widgets().values():
@@ -39,7 +39,7 @@ def test_parameter_names_in_the_ui_match_the_parameter_node():
 
 
 def test_cmake_lists_every_python_file_and_resource():
-    text = (MODULE / "CMakeLists.txt").read_text()
+    text = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
     assert cmake_file_lists.listed("SCRIPTS", text) == cmake_file_lists.scripts(), \
         "run: python tools/cmake_file_lists.py"
     assert cmake_file_lists.listed("RESOURCES", text) == cmake_file_lists.resources()
@@ -51,20 +51,20 @@ def test_cmake_lists_every_python_file_and_resource():
 
 
 def test_extension_metadata():
-    top = (ROOT / "CMakeLists.txt").read_text()
+    top = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     assert "project(MedAutoLabel)" in top and "add_subdirectory(MedAutoLabel)" in top
-    entry = json.loads((ROOT / "MedAutoLabel.json").read_text())
+    entry = json.loads((ROOT / "MedAutoLabel.json").read_text(encoding="utf-8"))
     allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
                "build_subdirectory", "enabled", "tier", "dicom_support_rule"}
     assert set(entry) <= allowed and {"$schema", "category", "scm_url"} <= set(entry)
     assert entry["category"] == "Segmentation"
-    s4ext = dict(line.split(" ", 1) for line in (ROOT / "MedAutoLabel.s4ext").read_text().splitlines()
+    s4ext = dict(line.split(" ", 1) for line in (ROOT / "MedAutoLabel.s4ext").read_text(encoding="utf-8").splitlines()
                  if line and not line.startswith("#") and " " in line)
     assert s4ext["category"] == "Segmentation" and s4ext["scmurl"] == entry["scm_url"]
 
 
 def test_glue_never_imports_qt():
     for path in (MODULE / "MedAutoLabelLib").glob("*.py"):
-        assert not re.search(r"^\s*(import qt|from qt\b|import ctk)", path.read_text(), re.M), path.name
-    engine = "\n".join(p.read_text() for p in (MODULE / "medautolabel").rglob("*.py"))
+        assert not re.search(r"^\s*(import qt|from qt\b|import ctk)", path.read_text(encoding="utf-8"), re.M), path.name
+    engine = "\n".join(p.read_text(encoding="utf-8") for p in (MODULE / "medautolabel").rglob("*.py"))
     assert not re.search(r"^\s*(import|from) (slicer|qt|vtk)\b", engine, re.M)

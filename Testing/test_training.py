@@ -119,7 +119,7 @@ def test_tiny_run_loss_falls_and_label_image_uses_the_model(trained, dataset):
     assert prov["config"]["seed"] == 0 and len(prov["dataset"]["sha256"]) == 64 and prov["duration_s"] > 0
     assert prov["dataset"]["training_cases"] == 6 and prov["dataset"]["validation_cases"] == 2
     assert card.metrics["validation"]["dice"]["vessel"] > 0.5
-    assert (model_dir / "training" / "log.csv").read_text().count("\n") == 5  # header + 4 epochs
+    assert (model_dir / "training" / "log.csv").read_text(encoding="utf-8").count("\n") == 5  # header + 4 epochs
     assert any("TensorBoard" in m for m in messages) or (model_dir / "training" / "tensorboard").exists()
     # state dict only: loadable with weights_only=True
     assert all(isinstance(v, torch.Tensor) for v in torch.load(model_dir / "model.pt", weights_only=True).values())
@@ -163,7 +163,7 @@ def test_resume_after_interruption_continues_exactly(trained, dataset, tmp_path)
     assert [r["epoch"] for r in resumed.history] == [3, 4]
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in reference.history[2:]]
     assert last_weights_hash(tmp_path / "m") == last_weights_hash(reference.model_dir)
-    rows = (tmp_path / "m" / "training" / "log.csv").read_text().strip().splitlines()
+    rows = (tmp_path / "m" / "training" / "log.csv").read_text(encoding="utf-8").strip().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
     with pytest.raises(MedAutoLabelError, match="nothing to resume"):
         train(dataset, tmp_path / "other", device="cpu", resume=True, cache_path=root / "cache.h5")
@@ -232,7 +232,7 @@ def test_torchrun_two_processes_end_with_identical_weights(trained, dataset, tmp
                           "--config", str(tmp_path / "cfg.json"), "--cache", str(root / "cache.h5"),
                           "--device", "cpu"], check=False, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
-    hashes = [(tmp_path / "hashes" / f"rank{r}.sha256").read_text() for r in (0, 1)]
+    hashes = [(tmp_path / "hashes" / f"rank{r}.sha256").read_text(encoding="utf-8") for r in (0, 1)]
     assert len(hashes[0]) == 64 and hashes[0] == hashes[1]
     assert hashes[0] == last_weights_hash(tmp_path / "ddp")
     card = ModelCard.load(tmp_path / "ddp")
@@ -252,7 +252,7 @@ def test_fine_tune_from_a_model_keeps_its_labels_and_grows_for_new_ones(trained,
 
     renamed = tmp_path / "renamed"
     renamed.mkdir()
-    meta = json.loads((dataset / "dataset.json").read_text())
+    meta = json.loads((dataset / "dataset.json").read_text(encoding="utf-8"))
     meta["labels"] = {"0": "background", "1": "Vessel", "2": "calcification"}
     for e in meta["training"]:
         e["image"], e["label"] = str(dataset / e["image"]), str(dataset / e["label"])
@@ -355,7 +355,7 @@ def test_datasets_in_nnunet_and_datalist_form(tmp_path, dataset):
     _, val_cases = split(ds, 0.34, seed=5)
     assert len(val_cases) == 1 and split(ds, 0.34, seed=5)[1][0].index == val_cases[0].index
 
-    meta = json.loads((dataset / "dataset.json").read_text())
+    meta = json.loads((dataset / "dataset.json").read_text(encoding="utf-8"))
     datalist = tmp_path / "list.json"
     datalist.write_text(json.dumps({"labels": meta["labels"], "classes": meta["classes"],
                                     "training": [dict(e, image=str(dataset / e["image"]), label=str(dataset / e["label"]))

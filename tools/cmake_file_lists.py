@@ -43,17 +43,17 @@ def _block(text: str, name: str) -> Tuple[int, int]:
 
 
 def listed(name: str, text: str = "") -> List[str]:
-    text = text or CMAKE.read_text()
+    text = text or CMAKE.read_text(encoding="utf-8")
     a, b = _block(text, name)
     return [line.strip() for line in text[a:b].splitlines() if line.strip()]
 
 
 def rewrite() -> None:
-    text = CMAKE.read_text()
+    text = CMAKE.read_text(encoding="utf-8")
     for name, files in (("SCRIPTS", scripts()), ("RESOURCES", resources())):
         a, b = _block(text, name)
         text = text[:a] + "\n" + "".join(f"  {f}\n" for f in files) + text[b:]
-    CMAKE.write_text(text)
+    CMAKE.write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -53,17 +53,21 @@ def label_files(inputs: Sequence[PathLike], out_dir: PathLike, model: Union[str,
                 device: str = "auto", fmt: str = "seg.nrrd", overwrite: bool = False,
                 postprocess: bool = True, low_confidence_threshold: Optional[float] = None,
                 progress: Optional[BatchProgress] = None, fail_fast: bool = False,
-                cancel: Optional[Callable[[], bool]] = None) -> List[Dict[str, Any]]:
+                cancel: Optional[Callable[[], bool]] = None, trust: bool = False) -> List[Dict[str, Any]]:
     """Label every input; return one record per input (input, stem, status, message, seconds, outputs, result facts).
 
     ``status`` is "ok", "skipped" (outputs already there) or "error" (``message`` says why). The model
-    is resolved once and its network stays cached between cases. ``fail_fast`` re-raises the first
-    error; ``Cancelled`` always propagates.
+    is resolved once and its network stays cached between cases. ``model`` may also be a MONAI
+    bundle folder, run only when ``trust`` (or listed as trusted, see bundle.py). ``fail_fast``
+    re-raises the first error; ``Cancelled`` always propagates.
     """
+    from .bundle import BundleModel, is_bundle
     from .io import read_image  # SimpleITK import deferred: `medautolabel --help` stays fast
     from .pipeline import label_image
 
-    card = resolve_model(model)
+    bundle = BundleModel(model, device=device, trust=trust) if not isinstance(model, ModelCard) and \
+        is_bundle(Path(str(model)).expanduser()) else None
+    card = None if bundle else resolve_model(model)
     check_unique_stems(inputs)
     records: List[Dict[str, Any]] = []
     n = len(inputs)
@@ -85,8 +89,11 @@ def label_files(inputs: Sequence[PathLike], out_dir: PathLike, model: Union[str,
 
         try:
             image = read_image(path)
-            result = label_image(image, card, device=device, progress=case_progress, cancel=cancel,
-                                 postprocess=postprocess, low_confidence_threshold=low_confidence_threshold)
+            if bundle is not None:
+                result = bundle.label(image, progress=case_progress)
+            else:
+                result = label_image(image, card, device=device, progress=case_progress, cancel=cancel,
+                                     postprocess=postprocess, low_confidence_threshold=low_confidence_threshold)
             write_result(result, out_dir, stem, fmt)
             record["facts"] = result.facts()
         except Cancelled:

@@ -79,7 +79,7 @@ def cmd_label(args: argparse.Namespace) -> int:
         records = label_files(args.inputs, args.output, model=args.model, device=args.device, fmt=args.format,
                               overwrite=args.overwrite, postprocess=not args.no_postprocess,
                               low_confidence_threshold=args.low_confidence, progress=bars,
-                              fail_fast=args.fail_fast)
+                              fail_fast=args.fail_fast, trust=args.trust)
     finally:
         bars.close()
     failed = 0
@@ -217,6 +217,15 @@ def cmd_models_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_export_bundle(args: argparse.Namespace) -> int:
+    from .bundle import bundle_sha256
+    from .bundle_export import export_bundle
+
+    out = export_bundle(args.model, args.out)
+    print(f"wrote {out} (bundle sha256 {bundle_sha256(out)})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medautolabel", description="Label medical images automatically (segments + classification tags).",
@@ -237,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--low-confidence", type=float, metavar="T", help="flag segments whose mean confidence is below T")
     p.add_argument("--overwrite", action="store_true", help="relabel inputs whose outputs already exist")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first input that fails")
+    p.add_argument("--trust", action="store_true", help="run a MONAI bundle given with --model (its configs can "
+                                                        "execute Python code); see docs/bundles.md")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_label)
 
@@ -292,6 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
     q = msub.add_parser("show", help="describe a model (labels, codes, classes, grid, provenance, metrics)")
     q.add_argument("model", metavar="ID|PATH")
     q.set_defaults(func=cmd_models_show)
+    q = msub.add_parser("export-bundle", help="write a model as a MONAI model-zoo bundle",
+                        description="Write model ID as a MONAI bundle that `python -m monai.bundle run "
+                                    "--config_file DIR/configs/inference.json --bundle_root DIR --dataset_dir D "
+                                    "--output_dir O` runs on D/imagesTs/*.nii.gz.")
+    q.add_argument("model", metavar="ID|PATH")
+    q.add_argument("out", type=Path, metavar="DIR")
+    q.set_defaults(func=cmd_models_export_bundle)
 
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
