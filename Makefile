@@ -1,6 +1,7 @@
 # MedAutoLabel developer commands. Every target sets up .venv on a fresh machine first.
 #   make demo   label a synthetic CT angiogram with the built-in model (writes out/demo/)
 #   make test   lint (ruff, Python 3.9 rules) + the whole test suite
+#   make bench  MONAI bundle runner vs medautolabel label: time, peak RSS, agreement (docs/benchmarks.md)
 
 
 PYTHON ?= python3.11
@@ -10,7 +11,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint pytest venv clean
+.PHONY: demo test lint pytest bench venv clean
 
 venv: $(STAMP)
 
@@ -31,6 +32,9 @@ pytest: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test: lint pytest
+
+bench: $(STAMP)
+	$(BIN)/python -m medautolabel.bench --out docs/benchmarks.md --work out/bench
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache

@@ -1,0 +1,224 @@
+"""``make bench``: MONAI's bundle runner against ``medautolabel label``, same input and weights, in turns.
+
+For each case (the built-in UNet, and a heavier SegResNet with seeded weights) it exports the
+model as a bundle, then runs ``python -m monai.bundle run`` (A) and ``medautolabel label`` (B)
+alternately, each in a fresh process, and records wall time, the process's peak RSS and the
+labels' agreement (Dice per label). It also times the stages of both tools and writes
+docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+
+CT_SHAPE_KJI = (120, 512, 512)
+CT_SPACING = (0.78, 0.78, 2.5)
+RSS_TAG = "MEDAUTOLABEL_BENCH_MAXRSS_KB"
+
+
+def ct_volume(path: Path, seed: int = 1_000_999, shape_kji=CT_SHAPE_KJI) -> Path:
+    """A CT-sized phantom (512 x 512 x 120 at 0.78 x 0.78 x 2.5 mm by default), written once."""
+    from .image import make_ijk_to_ras
+    from .io import write_image
+    from .phantoms import render
+
+    if path.exists():
+        return path
+    m = make_ijk_to_ras(CT_SPACING, np.eye(3))
+    m[:3, 3] = -m[:3, :3] @ ((np.array(shape_kji[::-1]) - 1) / 2)
+    write_image(render(seed, shape_kji, m).image, path)
+    return path
+
+
+def segresnet_model(folder: Path) -> Path:
+    """A SegResNet model folder (one CT window, 3 outputs) with seeded random weights: the heavier network."""
+    import torch
+    from monai.networks.nets import SegResNet
+
+    from .network import file_sha256
+
+    if (folder / "model.json").exists():
+        return folder
+    builtin = json.loads((Path(__file__).parent / "models" / "vessel-nerve-cta" / "model.json").read_text("utf-8"))
+    params = {"spatial_dims": 3, "in_channels": 2, "out_channels": 3, "init_filters": 32,
+              "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1]}
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(SegResNet(**params).state_dict(), folder / "model.pt")
+    card = dict(builtin, id="bench-segresnet", name="SegResNet with seeded weights (benchmark only)",
+                version="0.0.1", classification=[], metrics={}, provenance={"trained_by": "not trained"})
+    card["network"] = {"architecture": "SegResNet", "parameters": params, "weights": "model.pt",
+                       "sha256": file_sha256(folder / "model.pt")}
+    (folder / "model.json").write_text(json.dumps(card, indent=2), encoding="utf-8")
+    return folder
+
+
+def _run(args: List[str], env: Dict[str, str]) -> Dict[str, float]:
+    """Run ``python -m medautolabel.bench_child ARGS``; wall seconds and the child's peak RSS (MB)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "medautolabel.bench_child", *args], capture_output=True, text=True,
+                          env=env, check=False)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:3])} failed:\n{proc.stderr[-3000:]}")
+    rss = [line.split()[-1] for line in proc.stderr.splitlines() if line.startswith(RSS_TAG)]
+    return {"seconds": seconds, "peak_rss_mb": int(rss[-1]) / 1024 if rss else float("nan")}
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * float((a & b).sum()) / total
+
+
+def bench_case(name: str, model_dir: str, work: Path, image: Path, repetitions: int) -> Dict[str, Any]:
+    from .bundle_export import export_bundle
+    from .io import read_image
+    from .segnrrd import read_seg_nrrd
+
+    bundle = work / f"{name}-bundle"
+    if not bundle.exists():
+        export_bundle(model_dir, bundle)
+    data = work / f"{name}-data"
+    (data / "imagesTs").mkdir(parents=True, exist_ok=True)
+    target = data / "imagesTs" / image.name
+    if not target.exists():
+        os.link(image, target) if hasattr(os, "link") else shutil.copy(image, target)
+    env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() or 1))
+    runs: Dict[str, List[Dict[str, float]]] = {"monai": [], "medautolabel": []}
+    for rep in range(repetitions):
+        out_a, out_b = work / f"{name}-monai", work / f"{name}-ours"
+        shutil.rmtree(out_a, ignore_errors=True)
+        shutil.rmtree(out_b, ignore_errors=True)
+        runs["monai"].append(_run(["monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json"),
+                                   "--bundle_root", str(bundle), "--dataset_dir", str(data), "--output_dir",
+                                   str(out_a)], env))
+        runs["medautolabel"].append(_run(["medautolabel", "label", str(target), "-o", str(out_b), "--model",
+                                          model_dir, "--device", "cpu", "-q", "--no-postprocess"], env))
+        print(f"{name} repetition {rep + 1}: MONAI {runs['monai'][-1]['seconds']:.1f} s, "
+              f"medautolabel {runs['medautolabel'][-1]['seconds']:.1f} s", flush=True)
+    stem = image.name[: -len(".nii.gz")]
+    theirs = read_image(out_a / f"{stem}_seg.nii.gz").array
+    ours, segments = read_seg_nrrd(out_b / f"{stem}.seg.nrrd")
+    tags = json.loads((out_b / f"{stem}.tags.json").read_text("utf-8"))
+    return {"case": name, "runs": runs, "dice": {s.name: _dice(theirs == s.label_value, ours.array == s.label_value)
+                                                 for s in segments},
+            "our_stages_s": tags["provenance"]["timings_s"], "monai_stages_s": profile_monai(bundle, target)}
+
+
+def profile_monai(bundle: Path, image: Path) -> Dict[str, float]:
+    """Stage times of the bundle's own pipeline, run in this process the way its evaluator runs it."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    t = time.perf_counter()
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser["bundle_root"] = str(bundle)
+    parser["device"] = torch.device("cpu")
+    parser["output_dir"] = str(bundle.parent / "profile-out")
+    net = parser.get_parsed_content("network_def").eval()
+    net.load_state_dict(torch.load(str(bundle / "models" / "model.pt"), map_location="cpu", weights_only=True))
+    pre, inferer = parser.get_parsed_content("preprocessing"), parser.get_parsed_content("inferer")
+    post = parser.get_parsed_content("postprocessing")
+    stages = {"setup": time.perf_counter() - t}
+    t = time.perf_counter()
+    data = pre({"image": str(image)})
+    stages["preprocessing"] = time.perf_counter() - t
+    t = time.perf_counter()
+    with torch.inference_mode():
+        data["pred"] = inferer(data["image"][None], net)[0]
+    stages["inference"] = time.perf_counter() - t
+    for transform in post.transforms:
+        t = time.perf_counter()
+        data = transform(data)
+        key = type(transform).__name__
+        stages[f"post:{key}"] = stages.get(f"post:{key}", 0.0) + time.perf_counter() - t
+    return {k: round(v, 2) for k, v in stages.items()}
+
+
+def _minmax(values: List[float]) -> str:
+    return f"{min(values):.1f}–{max(values):.1f}"
+
+
+def report(results: List[Dict[str, Any]], training_running: bool, shape_kji=CT_SHAPE_KJI) -> str:
+    import monai
+    import torch
+
+    mem = next((int(line.split()[1]) // 1024 // 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal")),
+               0) if Path("/proc/meminfo").exists() else 0
+    lines = ["# Benchmarks", "",
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {mem} GiB RAM, no GPU; Python "
+             f"{platform.python_version()}, torch {torch.__version__}, MONAI {monai.__version__}.",
+             "Command: `make bench` (python -m medautolabel.bench). Input: a CT-sized phantom, "
+             f"{shape_kji[2]}x{shape_kji[1]}x{shape_kji[0]} voxels at "
+             f"{CT_SPACING[0]}x{CT_SPACING[1]}x{CT_SPACING[2]} mm. A = `python -m monai.bundle run` on the exported "
+             "bundle, B = `medautolabel label --no-postprocess` with the same weights; A and B alternate, each in a "
+             "fresh process (imports included).", ""]
+    if training_running:
+        lines += ["**A model-training job was running during these measurements**: absolute times are inflated; "
+                  "the A/B alternation keeps the ratios comparable.", ""]
+    lines += ["| network | MONAI runner s (min–max) | medautolabel s (min–max) | speed-up | MONAI peak RSS MB | "
+              "medautolabel peak RSS MB | RSS ratio | label Dice |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        a, b = r["runs"]["monai"], r["runs"]["medautolabel"]
+        ta, tb = [x["seconds"] for x in a], [x["seconds"] for x in b]
+        ra, rb = [x["peak_rss_mb"] for x in a], [x["peak_rss_mb"] for x in b]
+        dice = ", ".join(f"{k} {v:.3f}" for k, v in r["dice"].items())
+        lines.append(f"| {r['case']} | {np.median(ta):.1f} ({_minmax(ta)}) | {np.median(tb):.1f} ({_minmax(tb)}) | "
+                     f"{np.median(ta) / np.median(tb):.2f}x | {max(ra):.0f} | {max(rb):.0f} | "
+                     f"{max(rb) / max(ra):.2f} | {dice} |")
+    lines += ["", "## Where the time goes", ""]
+    for r in results:
+        ours = r["our_stages_s"]
+        net = ours.get("inference", float("nan"))
+        lines += [f"### {r['case']}", "",
+                  "medautolabel (from tags.json): " + ", ".join(f"{k} {v:.2f} s" for k, v in ours.items())
+                  + f". End-to-end (process wall time) / network-only: "
+                  f"{np.median([x['seconds'] for x in r['runs']['medautolabel']]) / net:.2f}.", "",
+                  "MONAI bundle pipeline (same transforms, timed in-process): "
+                  + ", ".join(f"{k} {v:.2f} s" for k, v in r["monai_stages_s"].items()) + ".", ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    p.add_argument("--work", type=Path, default=Path("out/bench"))
+    p.add_argument("--repetitions", type=int, default=3)
+    p.add_argument("--smoke", action="store_true", help="a small volume and one repetition: checks the harness only")
+    a = p.parse_args(argv)
+    a.work.mkdir(parents=True, exist_ok=True)
+    if a.smoke:
+        a.repetitions = 1
+    shape = (24, 96, 96) if a.smoke else CT_SHAPE_KJI
+    image = ct_volume(a.work / ("smoke.nii.gz" if a.smoke else "ct.nii.gz"), shape_kji=shape)
+    from .models import resolve_model
+
+    builtin = str(Path(resolve_model("vessel-nerve-cta").path).parent)
+    cases = [("vessel-nerve-cta (UNet)", builtin), ("SegResNet", str(segresnet_model(a.work / "segresnet")))]
+    results = []
+    for name, model_dir in cases:
+        slug = name.split()[0].lower()
+        results.append(dict(bench_case(slug, model_dir, a.work, image, a.repetitions), case=name))
+    training = subprocess.run(["pgrep", "-f", "builtin_recipe"], capture_output=True, check=False).returncode == 0
+    text = report(results, training, shape)
+    if a.smoke:
+        text = text.replace("# Benchmarks", "# Benchmarks (smoke run: a small volume, one repetition)", 1)
+    a.out.write_text(text, encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
