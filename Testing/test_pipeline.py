@@ -8,12 +8,12 @@ engine's geometry, post-processing, facts and callbacks rather than a network's 
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest
 import torch
 from cardfactory import GRIDS, card_dict, grid, ras_coords, write_card
+from thresholdmodel import write_threshold_model
 
 from medautolabel import network as network_module
 from medautolabel.device import DeviceError
@@ -28,29 +28,9 @@ RADIUS = 7.0
 WINDOW = [-1000.0, 1000.0]
 
 
-class ThresholdNet(torch.nn.Module):
-    """Logits: background 0, vessel steep around HU 150, nerve never, aneurysm evidence around HU 800."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        v = x[:, 0:1]
-        return torch.cat([torch.zeros_like(v), 40.0 * (v - 0.575), torch.full_like(v, -20.0),
-                          40.0 * (v - 0.9)], dim=1)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("threshold-model")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.script(ThresholdNet()).save(str(folder / "model.ts"))
-    d = card_dict(id="threshold", input={"channels": [{"name": "wide", "window": WINDOW}]})
-    d["preprocessing"] = {"orientation": "RAS", "spacing": [0.8, 0.8, 0.8],
-                          "crop_foreground": {"threshold": -500, "margin_mm": 2}}
-    d["network"] = {"architecture": "TorchScript", "parameters": {"in_channels": 1, "out_channels": 4},
-                    "weights": "model.ts", "sha256": network_module.file_sha256(folder / "model.ts")}
-    d["inference"] = {"roi_size": [24, 24, 24], "overlap": 0.25, "sw_batch_size": 2, "blend": "gaussian"}
-    write_card(folder, d)
-    return folder
+    return write_threshold_model(tmp_path_factory.mktemp("threshold-model"))
 
 
 def partial_volume_sphere(shape, m, center, radius, n=3) -> np.ndarray:

@@ -94,10 +94,9 @@ def cmd_label(args: argparse.Namespace) -> int:
     return 2 if failed else 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    bar = None if args.quiet else _bar("demo")
+def _fraction_bar(desc: str, quiet: bool):
+    """(progress(fraction, stage) callback, close) for one long step; silent when ``quiet``."""
+    bar = None if quiet else _bar(desc)
 
     def progress(fraction: float, stage: str) -> None:
         if bar is not None:
@@ -105,11 +104,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
             bar.set_postfix_str(stage, refresh=False)
             bar.refresh()
 
+    return progress, (bar.close if bar is not None else (lambda: None))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    progress, close = _fraction_bar("demo", args.quiet)
     try:
         report = run_demo(args.out, device=args.device, seed=args.seed, progress=progress)
     finally:
-        if bar is not None:
-            bar.close()
+        close()
     for line in report.lines:
         print(line)
     print(f"wrote {', '.join(str(p) for p in report.files.values())}")
@@ -119,19 +124,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_phantoms(args: argparse.Namespace) -> int:
     from .phantoms import write_dataset
 
-    bar = None if args.quiet else _bar("phantoms")
-
-    def progress(fraction: float, stage: str) -> None:
-        if bar is not None:
-            bar.n = round(100 * fraction)
-            bar.set_postfix_str(stage, refresh=False)
-            bar.refresh()
-
+    progress, close = _fraction_bar("phantoms", args.quiet)
     try:
         out = write_dataset(args.output, args.n, seed=args.seed, progress=progress)
     finally:
-        if bar is not None:
-            bar.close()
+        close()
     print(f"wrote {args.n} phantoms (seeds {args.seed}-{args.seed + args.n - 1}) to {out}")
     return 0
 
