@@ -191,3 +191,14 @@ def test_bad_input_exits_2_without_a_report(problem, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and culprit in err[0]
     assert not out.exists() and not any(p.name.startswith(".~") for p in tmp_path.iterdir())
+
+
+def test_references_without_a_prediction_are_reported_not_averaged(tmp_path, capsys):
+    refs = _dataset(tmp_path / "ds", [("a", ball([0, 0, 0], 6.0), "absent"), ("b", ball([0, 0, 0], 6.0), "absent")])
+    _prediction(tmp_path / "pred", "a", ball([0, 0, 0], 6.0), 0.2)
+    out = tmp_path / "report"
+    assert main(["evaluate", str(tmp_path / "pred"), str(refs), "-o", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert summary["cases"] == ["a"] and summary["not_predicted"] == ["b"]
+    assert "1 reference case(s) have no prediction" in capsys.readouterr().err
+    assert "without a prediction" in (out / "report.html").read_text(encoding="utf-8")

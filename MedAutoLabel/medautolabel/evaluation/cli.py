@@ -44,6 +44,10 @@ def run(args: argparse.Namespace) -> int:
     except MedAutoLabelError as e:
         print(f"medautolabel: error: {e}", file=sys.stderr)
         return 2
+    missing = evaluation["summary"]["not_predicted"]
+    if missing:
+        print(f"note: {len(missing)} reference case(s) have no prediction and are not in the averages: "
+              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}", file=sys.stderr)
     for name, m in evaluation["summary"]["segmentation"].items():
         d = m["dice"]
         print(f"{name}: Dice mean {d.get('mean', float('nan')):.3f} (median {d.get('median', float('nan')):.3f}, "

@@ -39,7 +39,8 @@ def evaluate_cases(pred: PathLike, ref: PathLike) -> Dict[str, Any]:
     scores: Dict[str, List[float]] = {}
     classes: Dict[str, List[str]] = {}
     cases = []
-    for case, pred_path, ref_path in pair_cases(pred, ref):
+    pairs, missing = pair_cases(pred, ref)
+    for case, pred_path, ref_path in pairs:
         p, r = read_labelmap(pred_path), read_labelmap(ref_path)
         names = {**{v: n for v, n in p.names.items()}, **r.names} or {
             int(v): f"label {int(v)}" for v in set(r.image.array.ravel().tolist()) - {0}}
@@ -56,7 +57,8 @@ def evaluate_cases(pred: PathLike, ref: PathLike) -> Dict[str, Any]:
                 truth.setdefault(task, []).append(label == present)
                 scores.setdefault(task, []).append(float(probs[task][present]))
     summary: Dict[str, Any] = {"format": "medautolabel-evaluation/1", "medautolabel_version": __version__,
-                               "cases": cases, "segmentation": summarise(rows), "classification": {}}
+                               "cases": cases, "not_predicted": missing, "segmentation": summarise(rows),
+                               "classification": {}}
     for task in truth:
         summary["classification"][task] = dict(classification_metrics(truth[task], scores[task]),
                                                classes=classes[task])

@@ -49,18 +49,20 @@ def labelmap_files(path: PathLike) -> Dict[str, Path]:
     return out
 
 
-def pair_cases(pred: PathLike, ref: PathLike) -> List[Tuple[str, Path, Path]]:
-    """(case, prediction, reference) for every case; a case on one side only is an error naming its file."""
+def pair_cases(pred: PathLike, ref: PathLike) -> Tuple[List[Tuple[str, Path, Path]], List[str]]:
+    """(case, prediction, reference) for every predicted case, and the reference cases nobody predicted.
+
+    A prediction without a reference is an error naming its file; references without a prediction
+    are returned (and reported), never silently averaged away.
+    """
     preds, refs = labelmap_files(pred), labelmap_files(ref)
     if Path(pred).is_file() and Path(ref).is_file():
-        return [(next(iter(refs)), next(iter(preds.values())), next(iter(refs.values())))]
+        return [(next(iter(refs)), next(iter(preds.values())), next(iter(refs.values())))], []
     for name, p in preds.items():
         if name not in refs:
             raise InputError(f"no reference labelmap for case {name!r} in {ref}", p)
-    for name, r in refs.items():
-        if name not in preds:
-            raise InputError(f"no prediction for case {name!r} in {pred}", r)
-    return [(name, preds[name], refs[name]) for name in sorted(refs)]
+    missing = sorted(name for name in refs if name not in preds)
+    return [(name, preds[name], refs[name]) for name in sorted(preds)], missing
 
 
 @dataclass

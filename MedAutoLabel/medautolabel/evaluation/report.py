@@ -140,7 +140,10 @@ def _table(header: List[str], body: List[List[Any]]) -> str:
 
 def write_html(rows: Sequence[Dict[str, Any]], summary: Dict[str, Any], path: Path) -> None:
     per_label = summary["segmentation"]
-    body = [f"<h1>MedAutoLabel evaluation</h1><p>{len(summary['cases'])} cases; "
+    missing = summary.get("not_predicted", [])
+    body = [f"<h1>MedAutoLabel evaluation</h1><p>{len(summary['cases'])} cases"
+            + (f" ({len(missing)} reference cases without a prediction, not counted: "
+               f"{html.escape(', '.join(missing))})" if missing else "") + "; "
             f"{sum(bool(r['resampled']) for r in rows)} label rows from predictions resampled onto their "
             f"reference grid.</p>", "<h2>Segmentation</h2>", dice_plot(rows)]
     stats = [[name, m["dice"].get("mean", math.nan), m["dice"].get("median", math.nan),
