@@ -53,7 +53,8 @@ def label_files(inputs: Sequence[PathLike], out_dir: PathLike, model: Union[str,
                 device: str = "auto", fmt: str = "seg.nrrd", overwrite: bool = False,
                 postprocess: bool = True, low_confidence_threshold: Optional[float] = None,
                 progress: Optional[BatchProgress] = None, fail_fast: bool = False,
-                cancel: Optional[Callable[[], bool]] = None, trust: bool = False) -> List[Dict[str, Any]]:
+                cancel: Optional[Callable[[], bool]] = None, trust: bool = False,
+                tta: Optional[str] = None) -> List[Dict[str, Any]]:
     """Label every input; return one record per input (input, stem, status, message, seconds, outputs, result facts).
 
     ``status`` is "ok", "skipped" (outputs already there) or "error" (``message`` says why). The model
@@ -93,7 +94,8 @@ def label_files(inputs: Sequence[PathLike], out_dir: PathLike, model: Union[str,
                 result = bundle.label(image, progress=case_progress)
             else:
                 result = label_image(image, card, device=device, progress=case_progress, cancel=cancel,
-                                     postprocess=postprocess, low_confidence_threshold=low_confidence_threshold)
+                                     postprocess=postprocess, low_confidence_threshold=low_confidence_threshold,
+                                     tta=tta)
             write_result(result, out_dir, stem, fmt)
             record["facts"] = result.facts()
         except Cancelled:

@@ -104,7 +104,7 @@ def bench_case(name: str, model_dir: str, work: Path, image: Path, repetitions: 
                                    "--bundle_root", str(bundle), "--dataset_dir", str(data), "--output_dir",
                                    str(out_a)], env))
         runs["medautolabel"].append(_run(["medautolabel", "label", str(target), "-o", str(out_b), "--model",
-                                          model_dir, "--device", "cpu", "-q", "--no-postprocess"], env))
+                                          model_dir, "--device", "cpu", "-q", "--no-postprocess", "--tta", "none"], env))
         print(f"{name} repetition {rep + 1}: MONAI {runs['monai'][-1]['seconds']:.1f} s, "
               f"medautolabel {runs['medautolabel'][-1]['seconds']:.1f} s", flush=True)
     stem = image.name[: -len(".nii.gz")]
@@ -163,8 +163,8 @@ def report(results: List[Dict[str, Any]], training_running: bool, shape_kji=CT_S
              "Command: `make bench` (python -m medautolabel.bench). Input: a CT-sized phantom, "
              f"{shape_kji[2]}x{shape_kji[1]}x{shape_kji[0]} voxels at "
              f"{CT_SPACING[0]}x{CT_SPACING[1]}x{CT_SPACING[2]} mm. A = `python -m monai.bundle run` on the exported "
-             "bundle, B = `medautolabel label --no-postprocess` with the same weights; A and B alternate, each in a "
-             "fresh process (imports included).", ""]
+             "bundle, B = `medautolabel label --no-postprocess --tta none` with the same weights; A and B alternate, "
+             "each in a fresh process (imports included).", ""]
     if training_running:
         lines += ["**A model-training job was running during these measurements**: absolute times are inflated; "
                   "the A/B alternation keeps the ratios comparable.", ""]

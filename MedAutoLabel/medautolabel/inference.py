@@ -29,6 +29,15 @@ def window_count(image_size: Sequence[int], roi_size: Sequence[int], overlap: fl
     return len(dense_patch_slices(size, list(roi_size), interval))
 
 
+def tta_flips(mode: str) -> List[Tuple[int, ...]]:
+    """Spatial dims (of a (B, C, z, y, x) batch) to flip for each extra pass of ``mode``."""
+    if mode == "flip":
+        return [(2,), (3,), (4,)]
+    if mode == "flip-all":
+        return [(2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]
+    return []
+
+
 def sliding_window(network: torch.nn.Module, tensor: torch.Tensor, spec: InferenceSpec,
                    device: torch.device, sw_batch_size: Optional[int] = None,
                    output_device: Optional[torch.device] = None, progress: Optional[ProgressFn] = None,
@@ -45,17 +54,25 @@ def sliding_window(network: torch.nn.Module, tensor: torch.Tensor, spec: Inferen
     total = max(math.ceil(window_count(tensor.shape[2:], roi, spec.overlap) / batch), 1)
     done = [0]
 
-    def predictor(windows: torch.Tensor) -> torch.Tensor:
-        if cancel is not None and cancel():
-            raise Cancelled()
+    flips = tta_flips(spec.tta)
+
+    def forward(windows: torch.Tensor) -> torch.Tensor:
         with autocast(device):
             out = network(windows)
         if isinstance(out, (list, tuple)):  # deep-supervision networks return several heads
             out = out[0]
+        return out.float()
+
+    def predictor(windows: torch.Tensor) -> torch.Tensor:
+        if cancel is not None and cancel():
+            raise Cancelled()
+        out = forward(windows)
+        for dims in flips:  # test-time augmentation: the mean of the flipped passes, flipped back
+            out += torch.flip(forward(torch.flip(windows, dims)), dims)
         done[0] += 1
         if progress is not None:
             progress(min(done[0] / total, 1.0))
-        return out.float()
+        return out / (1 + len(flips)) if flips else out
 
     with torch.inference_mode():
         out = sliding_window_inference(

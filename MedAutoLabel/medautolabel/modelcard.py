@@ -56,12 +56,16 @@ class NetworkSpec:
     sha256: Optional[str] = None
 
 
+TTA_MODES = ("none", "flip", "flip-all")
+
+
 @dataclass
 class InferenceSpec:
     roi_size: Tuple[int, int, int]
     overlap: float = 0.25
     sw_batch_size: int = 1
     blend: str = "gaussian"  # MONAI sliding-window blend mode: "gaussian" or "constant"
+    tta: str = "none"  # test-time augmentation: "none", "flip" (identity + 3 axis flips) or "flip-all" (8)
 
 
 @dataclass
@@ -171,7 +175,8 @@ class ModelCard:
                                    "parameters": dict(self.network.parameters),
                                    "weights": self.network.weights, "sha256": self.network.sha256}),
             "inference": {"roi_size": list(self.inference.roi_size), "overlap": self.inference.overlap,
-                          "sw_batch_size": self.inference.sw_batch_size, "blend": self.inference.blend},
+                          "sw_batch_size": self.inference.sw_batch_size, "blend": self.inference.blend,
+                          "tta": self.inference.tta},
             "segmentation": {"activation": self.segmentation.activation,
                              "channels": self.segmentation.channels},
             "labels": [{
@@ -336,7 +341,7 @@ def _parse_card(c: _Ctx, data: Any) -> ModelCard:
     net = _parse_network(c, c.obj(c.get(d, "network", ""), "network",
                                   ["architecture", "parameters", "weights", "sha256"]))
     inf = _parse_inference(c, c.obj(c.get(d, "inference", ""), "inference",
-                                    ["roi_size", "overlap", "sw_batch_size", "blend"]))
+                                    ["roi_size", "overlap", "sw_batch_size", "blend", "tta"]))
     seg = _parse_segmentation(c, c.obj(c.get(d, "segmentation", ""), "segmentation",
                                        ["activation", "channels"]))
     labels_raw = c.get(d, "labels", "")
@@ -448,7 +453,10 @@ def _parse_inference(c: _Ctx, d: Dict[str, Any]) -> InferenceSpec:
     if blend not in ("gaussian", "constant"):
         raise c.fail(f"{w}.blend", f"expected \"gaussian\" or \"constant\", got {_short(blend)}")
     overlap = c.number(d, "overlap", w, 0.25, lo=0.0, hi=0.95)
-    return InferenceSpec(tuple(roi), overlap, c.integer(d, "sw_batch_size", w, 1, lo=1), blend)
+    tta = c.text(d, "tta", w, "none")
+    if tta not in TTA_MODES:
+        raise c.fail(f"{w}.tta", f"expected one of {', '.join(TTA_MODES)}, got {_short(tta)}")
+    return InferenceSpec(tuple(roi), overlap, c.integer(d, "sw_batch_size", w, 1, lo=1), blend, tta)
 
 
 def _parse_segmentation(c: _Ctx, d: Dict[str, Any]) -> SegmentationSpec:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import time
@@ -15,7 +16,7 @@ from .device import select_device
 from .errors import Cancelled, InputError
 from .image import Image
 from .inference import infer
-from .modelcard import ModelCard
+from .modelcard import TTA_MODES, ModelCard
 from .models import resolve_model
 from .network import file_sha256, load_network
 from .postprocess import postprocess as postprocess_output
@@ -72,12 +73,13 @@ class _Progress:
 def label_image(image: Image, model: Union[str, Path, ModelCard], device: str = "auto",
                 progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
                 postprocess: bool = True, low_confidence_threshold: Optional[float] = None,
-                warn: Optional[Callable[[str], None]] = None) -> Result:
+                warn: Optional[Callable[[str], None]] = None, tta: Optional[str] = None) -> Result:
     """Label ``image`` with ``model`` (a ModelCard, model id or model folder).
 
     ``progress(fraction, stage)`` gets 0..1; ``cancel()`` returning True stops the run within one
     window batch with ``Cancelled``; ``postprocess=False`` skips the per-label clean-up;
-    ``warn(message)`` hears about fallbacks (default: the "medautolabel" logger).
+    ``warn(message)`` hears about fallbacks (default: the "medautolabel" logger); ``tta``
+    overrides the card's test-time augmentation ("none", "flip", "flip-all").
     """
     t_start = time.perf_counter()
     timings: Dict[str, float] = {}
@@ -95,6 +97,10 @@ def label_image(image: Image, model: Union[str, Path, ModelCard], device: str = 
 
     report("loading model", 0.0)
     card = resolve_model(model)
+    if tta is not None and tta != card.inference.tta:
+        if tta not in TTA_MODES:
+            raise InputError(f"unknown test-time augmentation {tta!r}: use one of {', '.join(TTA_MODES)}")
+        card = dataclasses.replace(card, inference=dataclasses.replace(card.inference, tta=tta))
     check_modality(image, card)
     dev = select_device(device)
     network = load_network(card, dev)
@@ -130,6 +136,7 @@ def label_image(image: Image, model: Union[str, Path, ModelCard], device: str = 
         "device": used,
         "amp": used.startswith("cuda"),
         "postprocessing": bool(postprocess),
+        "test_time_augmentation": card.inference.tta,
         "low_confidence_threshold": (card.low_confidence_threshold if low_confidence_threshold is None
                                      else low_confidence_threshold),
         "network_grid": {"shape_kji": list(prepared.net_shape),
