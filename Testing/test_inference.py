@@ -43,6 +43,10 @@ def test_select_device():
 def test_autocast_only_on_cuda():
     with autocast(CPU):
         assert not torch.is_autocast_enabled()
+    with autocast(CPU, "float32"):
+        assert not torch.is_autocast_enabled("cpu")
+    with autocast(CPU, "bfloat16"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
     assert not is_out_of_memory(RuntimeError("shapes do not match"))
 
@@ -78,7 +82,8 @@ def test_out_of_memory_halves_the_window_batch_with_a_message():
     net = Doubler(oom_above=1)
     messages = []
     x = torch.rand(1, 1, 40, 20, 20)
-    out, used = infer(net, x, InferenceSpec((16, 16, 16), 0.25, 4), CPU, warn=messages.append)
+    out, used, precision = infer(net, x, InferenceSpec((16, 16, 16), 0.25, 4), CPU, warn=messages.append,
+                                 precision="float32")
     torch.testing.assert_close(out, torch.cat([2 * x, -x], dim=1)[0])
     assert used == "cpu" and set(net.batches) == {1}
     assert len(messages) == 2 and "out of memory on cpu with 4 window(s) per batch; retrying with 2" in messages[0]
@@ -94,3 +99,19 @@ def test_other_errors_are_not_retried():
         infer(Broken(), torch.rand(1, 1, 16, 16, 16), InferenceSpec((16, 16, 16), 0.25, 4), CPU,
               warn=messages.append)
     assert messages == []
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_uses_bfloat16_only_where_the_cpu_has_it(monkeypatch, native):
+    from medautolabel import device as device_module
+    from medautolabel.errors import MedAutoLabelError
+
+    monkeypatch.setattr(device_module, "cpu_has_native_bfloat16", lambda: native)
+    assert device_module.resolve_precision(CPU, "auto") == ("bfloat16" if native else "float32")
+    assert device_module.resolve_precision(CPU, "float32") == "float32"
+    assert device_module.resolve_precision(CPU, "bfloat16") == "bfloat16"
+    assert device_module.resolve_precision(torch.device("cuda"), "auto") == "float16"
+    with pytest.raises(MedAutoLabelError, match="float16 runs only on a CUDA GPU"):
+        device_module.resolve_precision(CPU, "float16")
+    with pytest.raises(MedAutoLabelError, match="unknown precision 'half'"):
+        device_module.resolve_precision(CPU, "half")

@@ -148,3 +148,49 @@ def test_margin_is_in_millimetres():
     prep = preprocess(Image(a, m), make_card((1, 1, 1), threshold=0.0, margin=4.0))
     # ceil(4/2.0)=2 slices in k, ceil(4/0.9)=5 rows in j, ceil(4/0.7)=6 columns in i
     assert prep.crop == (slice(7, 12), slice(15, 26), slice(19, 32))
+
+
+def test_network_grid_is_monai_spacingd_grid():
+    """Same shape, affine and voxel values as MONAI's Orientationd + Spacingd on an oblique, flipped grid."""
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation, Spacing
+
+    from medautolabel.geometry import image_to_ijk_array
+
+    shape, m = grid("oblique-permuted-flipped")
+    values = ramp(ras_coords(shape, m)).astype(np.float32)
+    prep = preprocess(Image(values, m), make_card((0.8, 0.9, 0.7)))
+    ijk, affine = image_to_ijk_array(Image(values, m))
+    src = MetaTensor(torch.from_numpy(np.ascontiguousarray(ijk))[None], affine=torch.from_numpy(affine))
+    out = Spacing(pixdim=(0.8, 0.9, 0.7), mode="bilinear")(Orientation(axcodes="RAS")(src))
+    assert tuple(out.shape[1:])[::-1] == prep.net_shape  # MONAI (i, j, k), ours (k, j, i)
+    np.testing.assert_allclose(out.affine.numpy(), prep.net_ijk_to_ras, atol=1e-5)
+    ours = prep.tensor[0, 0].numpy() * (WINDOW[1] - WINDOW[0]) + WINDOW[0]
+    np.testing.assert_allclose(out[0].numpy().T, ours, atol=2e-2)
+
+
+@pytest.mark.parametrize("rotated", [False, True])
+def test_resample_in_parallel_slabs_equals_one_pass(monkeypatch, rotated):
+    """Large outputs are sampled in slabs on several threads; the result is the single-pass one, voxel by voxel."""
+    from scipy import ndimage
+
+    from medautolabel import preprocess as pre
+
+    rng = np.random.default_rng(3)
+    src = rng.normal(size=(40, 60, 70)).astype(np.float32)
+    src_m = np.diag([0.7, 0.9, 2.0, 1.0])
+    _, dst_m = grid("oblique-anisotropic") if rotated else (None, np.diag([0.5, 0.5, 0.6, 1.0]))
+    dst_m = dst_m.copy()
+    dst_shape = (150, 200, 205)  # 6.15 M voxels: three slabs on three threads
+    monkeypatch.setattr(pre, "_threads", lambda: 3)
+    calls = []
+    real = ndimage.affine_transform
+    monkeypatch.setattr(pre.ndimage, "affine_transform", lambda *a, **k: calls.append(k["output"].shape) or real(*a, **k))
+    slabs = pre.resample(src, src_m, dst_shape, dst_m)
+    assert sorted(c[0] for c in calls) == [50, 50, 50]
+    monkeypatch.undo()
+    m = np.linalg.inv(src_m) @ dst_m
+    one = np.empty(dst_shape, np.float32)
+    ndimage.affine_transform(src, m[:3, :3][::-1, ::-1], offset=m[:3, 3][::-1], output=one, order=1, mode="nearest",
+                             prefilter=False)
+    np.testing.assert_allclose(slabs, one, atol=1e-5)

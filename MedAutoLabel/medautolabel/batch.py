@@ -54,7 +54,7 @@ def label_files(inputs: Sequence[PathLike], out_dir: PathLike, model: Union[str,
                 postprocess: bool = True, low_confidence_threshold: Optional[float] = None,
                 progress: Optional[BatchProgress] = None, fail_fast: bool = False,
                 cancel: Optional[Callable[[], bool]] = None, trust: bool = False,
-                tta: Optional[str] = None) -> List[Dict[str, Any]]:
+                tta: Optional[str] = None, precision: str = "auto") -> List[Dict[str, Any]]:
     """Label every input; return one record per input (input, stem, status, message, seconds, outputs, result facts).
 
     ``status`` is "ok", "skipped" (outputs already there) or "error" (``message`` says why). The model
@@ -95,7 +95,7 @@ def label_files(inputs: Sequence[PathLike], out_dir: PathLike, model: Union[str,
             else:
                 result = label_image(image, card, device=device, progress=case_progress, cancel=cancel,
                                      postprocess=postprocess, low_confidence_threshold=low_confidence_threshold,
-                                     tta=tta)
+                                     tta=tta, precision=precision)
             write_result(result, out_dir, stem, fmt)
             record["facts"] = result.facts()
         except Cancelled:

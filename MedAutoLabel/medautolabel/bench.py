@@ -28,7 +28,12 @@ RSS_TAG = "MEDAUTOLABEL_BENCH_MAXRSS_KB"
 
 
 def ct_volume(path: Path, seed: int = 1_000_999, shape_kji=CT_SHAPE_KJI) -> Path:
-    """A CT-sized phantom (512 x 512 x 120 at 0.78 x 0.78 x 2.5 mm by default), written once."""
+    """A CT-sized phantom (512 x 512 x 120 at 0.78 x 0.78 x 2.5 mm by default), written once.
+
+    It looks like a body CT: the phantom's anatomy inside an elliptical body (340 x 250 mm, a
+    skin-and-fat rim) surrounded by air, lying on a table (a 2 mm carbon shell at 300 HU over foam)
+    that spans most of the field of view, with air noise.
+    """
     from .image import make_ijk_to_ras
     from .io import write_image
     from .phantoms import render
@@ -37,7 +42,26 @@ def ct_volume(path: Path, seed: int = 1_000_999, shape_kji=CT_SHAPE_KJI) -> Path
         return path
     m = make_ijk_to_ras(CT_SPACING, np.eye(3))
     m[:3, 3] = -m[:3, :3] @ ((np.array(shape_kji[::-1]) - 1) / 2)
-    write_image(render(seed, shape_kji, m).image, path)
+    image = render(seed, shape_kji, m).image
+    hu = image.array
+    x = (np.arange(shape_kji[2]) - (shape_kji[2] - 1) / 2) * CT_SPACING[0]  # R
+    y = (np.arange(shape_kji[1]) - (shape_kji[1] - 1) / 2) * CT_SPACING[1]  # A
+    yy, xx = np.meshgrid(y, x, indexing="ij")
+    body = (xx / 170.0) ** 2 + ((yy - 20.0) / 125.0) ** 2
+    rng = np.random.default_rng(seed)
+    plane = np.where(body <= 1.0, 0, -1000).astype(np.int16)  # 0: keep, -1000: air
+    rim = (body > (1 - 8 / 125.0) ** 2) & (body <= 1.0)
+    table_top = 20.0 - 125.0 - 15.0  # 15 mm below the body's back
+    table = (np.abs(xx) < 180) & (((yy <= table_top) & (yy > table_top - 2)) | ((yy <= table_top - 40) & (yy > table_top - 42)))
+    foam = (np.abs(xx) < 180) & (yy <= table_top - 2) & (yy > table_top - 40)
+    for k in range(shape_kji[0]):
+        sl = hu[k]
+        sl[rim] = -100
+        sl[plane == -1000] = -1000
+        sl[table] = 300
+        sl[foam] = -900
+        sl += rng.normal(0, 12, sl.shape).astype(np.int16)
+    write_image(image, path)
     return path
 
 

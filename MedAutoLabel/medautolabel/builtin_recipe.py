@@ -21,6 +21,7 @@ import json
 import math
 import time
 import warnings
+from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -35,7 +36,8 @@ WINDOWS = [(-150.0, 350.0), (-200.0, 1800.0)]
 SPACING = 0.8
 NETWORK = {"spatial_dims": 3, "in_channels": 2, "out_channels": 4, "channels": [16, 32, 64, 128, 256],
            "strides": [2, 2, 2, 2], "num_res_units": 2, "norm": "instance"}
-PATCH = 64
+PATCH = 64  # training patch side (voxels); phase 4 uses 96 on 128-voxel phantoms (--patch, --grid)
+GRID = 96  # training phantom side (voxels at SPACING)
 VALIDATION_SEEDS = list(range(900_000, 900_012))  # in the training range, never in the training pool
 SCANNER_GRID_FRACTION = 0.6  # training cases seen through a random scanner grid
 ANEURYSM = 3  # training-only label value: aneurysm sac (counts as vessel in the output)
@@ -62,8 +64,8 @@ def through_scanner_grid(hu: np.ndarray, matrix: np.ndarray, rng: np.random.Gene
     return resample(coarse, coarse_m, hu.shape, matrix, order=1)
 
 
-def _case(seed: int) -> Dict[str, np.ndarray]:
-    shape, matrix = training_grid(96, SPACING)
+def _case(seed: int, grid: int = GRID) -> Dict[str, np.ndarray]:
+    shape, matrix = training_grid(grid, SPACING)
     ph = render(seed, shape, matrix)
     hu = ph.image.array
     rng = np.random.default_rng([seed, 99])
@@ -74,9 +76,9 @@ def _case(seed: int) -> Dict[str, np.ndarray]:
     return {"hu": hu[None], "label": label[None], "aneurysm": np.float32(ph.aneurysm)}
 
 
-def make_cases(seeds: Sequence[int], processes: int = 2) -> List[Dict[str, np.ndarray]]:
+def make_cases(seeds: Sequence[int], processes: int = 2, grid: int = GRID) -> List[Dict[str, np.ndarray]]:
     with Pool(processes) as pool:
-        return pool.map(_case, list(seeds), chunksize=4)
+        return pool.map(partial(_case, grid=grid), list(seeds), chunksize=4)
 
 
 def build_network() -> torch.nn.Module:
@@ -85,7 +87,7 @@ def build_network() -> torch.nn.Module:
     return UNet(**NETWORK)
 
 
-def _transforms():
+def _transforms(patch: int = PATCH):
     from monai.transforms import (
         ClassesToIndicesd,
         Compose,
@@ -96,7 +98,7 @@ def _transforms():
 
     prepare = ClassesToIndicesd(keys="label", num_classes=4, max_samples_per_class=30000)
     augment = Compose([
-        RandCropByLabelClassesd(keys=["hu", "label"], label_key="label", spatial_size=[PATCH] * 3,
+        RandCropByLabelClassesd(keys=["hu", "label"], label_key="label", spatial_size=[patch] * 3,
                                 ratios=[1.0, 1.3, 1.6, 1.0], num_classes=4, num_samples=1,
                                 indices_key="label_cls_indices", warn=False),
         RandFlipd(keys=["hu", "label"], prob=0.5, spatial_axis=0),
@@ -171,21 +173,22 @@ def validate(net: torch.nn.Module, cases) -> Dict[str, float]:
 
 
 def train(out: Path, iterations: int, seed: int, n_cases: int, batch_size: int, lr: float,
-          validate_every: int, threads: int, init: Optional[Path] = None) -> None:
+          validate_every: int, threads: int, init: Optional[Path] = None, patch: int = PATCH,
+          grid: int = GRID) -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    prepare, augment_tf = _transforms()
+    prepare, augment_tf = _transforms(patch)
     from monai.utils import set_determinism
 
     set_determinism(seed)
     augment_tf.set_random_state(seed)
     train_seeds = [seed * 100_000 + s for s in range(n_cases)]
-    cases = [prepare(c) for c in make_cases(train_seeds)]
-    val_cases = make_cases(VALIDATION_SEEDS)
+    cases = [prepare(c) for c in make_cases(train_seeds, grid=grid)]
+    val_cases = make_cases(VALIDATION_SEEDS, grid=grid)
     print(f"{len(cases)} training phantoms ready in {time.time() - t0:.0f}s", flush=True)
 
     net = build_network()
@@ -266,12 +269,14 @@ def main(argv=None) -> None:
     p.add_argument("--validate-every", type=int, default=500)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--init", type=Path, help="start from these weights (a best.pt), e.g. for a second phase")
+    p.add_argument("--patch", type=int, default=PATCH, help="training patch side in voxels")
+    p.add_argument("--grid", type=int, default=GRID, help="training phantom side in voxels (0.8 mm)")
     p.add_argument("--export", type=Path, help="only export best.pt of --out into this model folder")
     a = p.parse_args(argv)
     if a.export:
         print(export(a.out, a.export))
         return
-    train(a.out, a.iterations, a.seed, a.cases, a.batch_size, a.lr, a.validate_every, a.threads, a.init)
+    train(a.out, a.iterations, a.seed, a.cases, a.batch_size, a.lr, a.validate_every, a.threads, a.init, a.patch, a.grid)
 
 
 if __name__ == "__main__":

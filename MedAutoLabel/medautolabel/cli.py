@@ -79,7 +79,8 @@ def cmd_label(args: argparse.Namespace) -> int:
         records = label_files(args.inputs, args.output, model=args.model, device=args.device, fmt=args.format,
                               overwrite=args.overwrite, postprocess=not args.no_postprocess,
                               low_confidence_threshold=args.low_confidence, progress=bars,
-                              fail_fast=args.fail_fast, trust=args.trust, tta=args.tta)
+                              fail_fast=args.fail_fast, trust=args.trust, tta=args.tta,
+                              precision=args.precision)
     finally:
         bars.close()
     failed = 0
@@ -243,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--low-confidence", type=float, metavar="T", help="flag segments whose mean confidence is below T")
     p.add_argument("--tta", choices=["none", "flip", "flip-all"], help="test-time augmentation (default: the model "
                    "card's; flip = 4 passes, flip-all = 8): more accurate, slower")
+    p.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="the network's arithmetic: auto = float16 on CUDA, bfloat16 on CPUs that compute it natively "
+                        "(about 2x faster), float32 otherwise (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="relabel inputs whose outputs already exist")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first input that fails")
     p.add_argument("--trust", action="store_true", help="run a MONAI bundle given with --model (its configs can "

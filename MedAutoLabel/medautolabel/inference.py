@@ -7,7 +7,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .device import autocast, empty_cache, is_out_of_memory
+from .device import autocast, empty_cache, is_out_of_memory, resolve_precision
 from .errors import Cancelled, MedAutoLabelError
 from .modelcard import InferenceSpec
 
@@ -41,9 +41,11 @@ def tta_flips(mode: str) -> List[Tuple[int, ...]]:
 def sliding_window(network: torch.nn.Module, tensor: torch.Tensor, spec: InferenceSpec,
                    device: torch.device, sw_batch_size: Optional[int] = None,
                    output_device: Optional[torch.device] = None, progress: Optional[ProgressFn] = None,
-                   cancel: Optional[CancelFn] = None) -> torch.Tensor:
+                   cancel: Optional[CancelFn] = None, precision: Optional[str] = None) -> torch.Tensor:
     """One sliding-window pass: (1, C_in, *spatial) -> (C_out, *spatial) float32 on ``output_device``.
 
+    ``precision`` (see device.resolve_precision; None: float16 on CUDA, float32 elsewhere) is the
+    network's; windows are always blended in float32.
     ``cancel`` is checked before every window batch (raises Cancelled); ``progress`` gets the
     fraction of window batches done, ending at 1.0.
     """
@@ -57,7 +59,7 @@ def sliding_window(network: torch.nn.Module, tensor: torch.Tensor, spec: Inferen
     flips = tta_flips(spec.tta)
 
     def forward(windows: torch.Tensor) -> torch.Tensor:
-        with autocast(device):
+        with autocast(device, precision):
             out = network(windows)
         if isinstance(out, (list, tuple)):  # deep-supervision networks return several heads
             out = out[0]
@@ -84,12 +86,14 @@ def sliding_window(network: torch.nn.Module, tensor: torch.Tensor, spec: Inferen
 def infer(network: torch.nn.Module, tensor: torch.Tensor, spec: InferenceSpec, device: torch.device,
           progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
           warn: Optional[WarnFn] = None,
-          load_on: Optional[Callable[[torch.device], torch.nn.Module]] = None) -> Tuple[torch.Tensor, str]:
+          load_on: Optional[Callable[[torch.device], torch.nn.Module]] = None,
+          precision: str = "auto") -> Tuple[torch.Tensor, str, str]:
     """Run the sliding window, retrying after a GPU out-of-memory error.
 
     Fallback order: halve the window batch down to 1, then keep the stitched output on the CPU,
     then run entirely on the CPU (``load_on(cpu)`` gives the network there). Each step is
-    announced through ``warn``. Returns the (C, *spatial) float32 CPU tensor and the device used.
+    announced through ``warn``. Returns the (C, *spatial) float32 CPU tensor, the device used and the
+    precision the network ran in (``precision`` resolved for that device).
     """
     plans: List[Tuple[torch.device, int, torch.device]] = []
     batch = spec.sw_batch_size
@@ -106,8 +110,9 @@ def infer(network: torch.nn.Module, tensor: torch.Tensor, spec: InferenceSpec, d
         if sw_dev.type == "cpu" and device.type != "cpu":
             net = load_on(sw_dev) if load_on is not None else network.to(sw_dev)
         try:
-            out = sliding_window(net, tensor, spec, sw_dev, batch, out_dev, progress, cancel)
-            return out.cpu(), str(sw_dev)
+            used = resolve_precision(sw_dev, precision)
+            out = sliding_window(net, tensor, spec, sw_dev, batch, out_dev, progress, cancel, used)
+            return out.cpu(), str(sw_dev), used
         except Exception as e:  # only out-of-memory errors are retried
             if not is_out_of_memory(e) or n == len(plans) - 1:
                 if is_out_of_memory(e):

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Optional, Union
 
 from . import __version__
 from .classify import classify
-from .device import select_device
+from .device import resolve_precision, select_device
 from .errors import Cancelled, InputError
 from .image import Image
 from .inference import infer
@@ -73,13 +73,15 @@ class _Progress:
 def label_image(image: Image, model: Union[str, Path, ModelCard], device: str = "auto",
                 progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
                 postprocess: bool = True, low_confidence_threshold: Optional[float] = None,
-                warn: Optional[Callable[[str], None]] = None, tta: Optional[str] = None) -> Result:
+                warn: Optional[Callable[[str], None]] = None, tta: Optional[str] = None,
+                precision: str = "auto") -> Result:
     """Label ``image`` with ``model`` (a ModelCard, model id or model folder).
 
     ``progress(fraction, stage)`` gets 0..1; ``cancel()`` returning True stops the run within one
     window batch with ``Cancelled``; ``postprocess=False`` skips the per-label clean-up;
     ``warn(message)`` hears about fallbacks (default: the "medautolabel" logger); ``tta``
-    overrides the card's test-time augmentation ("none", "flip", "flip-all").
+    overrides the card's test-time augmentation ("none", "flip", "flip-all"); ``precision`` is the
+    network's ("auto": float16 on CUDA, bfloat16 on CPUs with native bfloat16, else float32).
     """
     t_start = time.perf_counter()
     timings: Dict[str, float] = {}
@@ -103,6 +105,7 @@ def label_image(image: Image, model: Union[str, Path, ModelCard], device: str = 
         card = dataclasses.replace(card, inference=dataclasses.replace(card.inference, tta=tta))
     check_modality(image, card)
     dev = select_device(device)
+    resolve_precision(dev, precision)  # an unknown or impossible precision fails before any work
     network = load_network(card, dev)
     sha = file_sha256(card.weights_path)
     t = timed("load_model", t_start)
@@ -114,9 +117,9 @@ def label_image(image: Image, model: Union[str, Path, ModelCard], device: str = 
     check_cancel()
 
     report("inference", 0.0)
-    logits, used = infer(network, prepared.tensor, card.inference, dev,
-                         progress=lambda f: report("inference", f), cancel=cancel, warn=warn,
-                         load_on=lambda d: load_network(card, d))
+    logits, used, used_precision = infer(network, prepared.tensor, card.inference, dev,
+                                         progress=lambda f: report("inference", f), cancel=cancel, warn=warn,
+                                         load_on=lambda d: load_network(card, d), precision=precision)
     t = timed("inference", t)
     prepared.tensor = prepared.tensor.new_empty(0)  # free the input tensor: only its geometry is needed now
     check_cancel()
@@ -134,7 +137,8 @@ def label_image(image: Image, model: Union[str, Path, ModelCard], device: str = 
         "model": {"id": card.id, "name": card.name, "version": card.version,
                   "weights": card.network.weights, "weights_sha256": sha},
         "device": used,
-        "amp": used.startswith("cuda"),
+        "amp": used_precision != "float32",
+        "precision": used_precision,
         "postprocessing": bool(postprocess),
         "test_time_augmentation": card.inference.tta,
         "low_confidence_threshold": (card.low_confidence_threshold if low_confidence_threshold is None

@@ -1,9 +1,12 @@
 """Image -> network tensor, per model card: crop to the foreground, reorient, resample, normalise.
 
-Order and cost: the foreground box is found on the raw input and cropped first (a view), the
-reorientation is an axis permutation/flip (a view), the resampling to the card's spacing is the one
-interpolation (skipped when the spacing already matches), and normalisation writes the float32
-tensor. ``Prepared`` keeps the geometry needed to put the network's answer back on the input grid.
+Order and cost: the foreground (the body, without a table) is boxed on the raw input; the whole
+image's network grid is the one MONAI's Orientationd + Spacingd would make (reorientation is an
+axis permutation/flip, a view); of that grid only the sliding windows that touch the box are kept,
+so the network runs on the body alone yet gives there what it would give on the whole image. The
+resampling onto the kept part is the one interpolation (skipped when the spacing already
+matches), and normalisation writes the float32 tensor. ``Prepared`` keeps the geometry needed to
+put the network's answer back on the input grid.
 
 Grids are (k, j, i) arrays + a 4x4 (i, j, k) -> RAS matrix, as everywhere in the engine.
 """
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -24,6 +27,7 @@ from .image import Image
 from .modelcard import InputChannel, ModelCard
 
 Box = Tuple[slice, slice, slice]  # (k, j, i) slices of the input grid
+MIN_BODY_PART = 0.05  # foreground parts smaller than this fraction of the largest (a table) are not cropped to
 
 
 @dataclass
@@ -73,9 +77,17 @@ def shift_matrix(ijk_to_ras: np.ndarray, box: Box) -> np.ndarray:
     return m
 
 
-def foreground_box(array: np.ndarray, threshold: float, margin_vox: Sequence[int]) -> Optional[Box]:
-    """The (k, j, i) bounding box of ``array > threshold``, grown by ``margin_vox`` (k, j, i); None if empty."""
+def foreground_box(array: np.ndarray, threshold: float, margin_vox: Sequence[int],
+                   spacing_kji: Optional[Sequence[float]] = None, min_part: float = 0.0) -> Optional[Box]:
+    """The (k, j, i) bounding box of ``array > threshold``, grown by ``margin_vox`` (k, j, i); None if empty.
+
+    With ``min_part`` > 0, only the parts of the foreground that hold at least that fraction of the
+    largest part's volume count: parts are found on ~4 mm blocks (``spacing_kji`` in mm), so a
+    table or a head-rest a few millimetres away from the body falls away, while arms or legs stay.
+    """
     mask = array > threshold
+    if min_part > 0 and spacing_kji is not None and mask.any():
+        mask &= _large_parts(mask, spacing_kji, min_part)
     box = []
     for axis in range(3):
         others = tuple(a for a in range(3) if a != axis)
@@ -86,6 +98,26 @@ def foreground_box(array: np.ndarray, threshold: float, margin_vox: Sequence[int
         hi = min(int(hit[-1]) + int(margin_vox[axis]) + 1, array.shape[axis])
         box.append(slice(lo, hi))
     return tuple(box)
+
+
+def _large_parts(mask: np.ndarray, spacing_kji: Sequence[float], min_part: float, block_mm: float = 4.0) -> np.ndarray:
+    """Voxels of ``mask`` in parts (connected on ~``block_mm`` blocks) holding >= min_part of the largest's voxels."""
+    steps = [max(1, int(round(block_mm / float(s)))) for s in spacing_kji]
+    padded = [-(-n // st) * st for n, st in zip(mask.shape, steps)]
+    blocks = np.zeros(padded, bool)
+    blocks[: mask.shape[0], : mask.shape[1], : mask.shape[2]] = mask
+    counts = blocks.reshape(padded[0] // steps[0], steps[0], padded[1] // steps[1], steps[1],
+                            padded[2] // steps[2], steps[2]).sum(axis=(1, 3, 5), dtype=np.int64)
+    parts, n = ndimage.label(counts > 0)
+    if n <= 1:
+        return np.ones(mask.shape, bool)
+    sizes = np.bincount(parts.ravel(), weights=counts.ravel(), minlength=n + 1)  # voxels, not blocks
+    sizes[0] = 0
+    keep = sizes >= min_part * sizes.max()
+    kept = keep[parts]
+    for axis, st in enumerate(steps):
+        kept = np.repeat(kept, st, axis=axis)
+    return kept[: mask.shape[0], : mask.shape[1], : mask.shape[2]]
 
 
 def reorient(array: np.ndarray, ijk_to_ras: np.ndarray, codes: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -108,21 +140,59 @@ def reorient(array: np.ndarray, ijk_to_ras: np.ndarray, codes: str) -> Tuple[np.
 
 def resampled_grid(shape_kji: Sequence[int], ijk_to_ras: np.ndarray,
                    spacing_ijk: Sequence[float]) -> Tuple[Tuple[int, int, int], np.ndarray]:
-    """A grid with the same directions and the new spacing that covers the old grid's voxel centres.
+    """The grid with the same directions and the new spacing, exactly as MONAI's ``Spacingd`` makes it.
 
-    Along each axis the new grid is centred on the old extent and at least as long, so every
-    old voxel centre lies inside the new grid (mapping back never extrapolates).
+    It starts on the old grid's first voxel centre and has about extent / spacing + 1 voxels per
+    axis (MONAI's ``zoom_affine`` + ``compute_shape_offset``, called here so that a model exported
+    as a bundle sees the same voxels in MONAI's runner). The old grid's far voxel centres may lie
+    up to half a new voxel outside it; mapping back clamps to the edge there.
     """
-    old_sp = np.linalg.norm(ijk_to_ras[:3, :3], axis=0)
-    new_sp = np.asarray(spacing_ijk, dtype=np.float64)
-    n_old = np.asarray(shape_kji[::-1], dtype=np.float64)  # i, j, k
-    extent = (n_old - 1) * old_sp
-    n_new = np.array([math.ceil(e / s - 1e-6) + 1 for e, s in zip(extent, new_sp)])
-    start_mm = (extent - (n_new - 1) * new_sp) / 2.0  # <= 0: the new grid starts before the old one
-    m = np.eye(4)
-    m[:3, :3] = (ijk_to_ras[:3, :3] / old_sp) * new_sp
-    m[:3, 3] = ijk_to_ras[:3, :3] @ (start_mm / old_sp) + ijk_to_ras[:3, 3]
-    return tuple(int(x) for x in n_new[::-1]), m
+    from monai.data.utils import compute_shape_offset, zoom_affine
+
+    matrix = np.asarray(ijk_to_ras, dtype=np.float64)
+    m = np.array(zoom_affine(matrix, [float(s) for s in spacing_ijk], diagonal=False), dtype=np.float64)
+    shape_ijk, offset = compute_shape_offset(list(shape_kji[::-1]), matrix, m)
+    m[:3, 3] = offset[:3]
+    return tuple(max(int(x), 1) for x in np.asarray(shape_ijk)[::-1]), m
+
+
+def window_starts(size: int, roi: int, overlap: float) -> List[int]:
+    """Where MONAI's sliding window starts its windows along one axis (``dense_patch_slices``)."""
+    from monai.data.utils import dense_patch_slices
+
+    if size <= roi:
+        return [0]
+    interval = max(int(roi * (1 - overlap)), 1)
+    return sorted({s[0].start for s in dense_patch_slices([size], [roi], [interval])})
+
+
+def window_aligned_box(box: Box, shape: Sequence[int], roi: Sequence[int], overlap: float) -> Box:
+    """Grow ``box`` to the windows of the whole grid's sliding window that touch it.
+
+    A sliding window over the returned box visits exactly those windows, so inside ``box`` it
+    gives the same blended output as a sliding window over the whole grid, while windows that do
+    not touch ``box`` are never computed.
+    """
+    out = []
+    for (lo, hi), size, r in zip(((b.start, b.stop) for b in box), shape, roi):
+        r = int(r)
+        if size <= r:
+            out.append(slice(0, size))
+            continue
+        touching = [s for s in window_starts(size, r, overlap) if s < hi and s + r > lo]
+        out.append(slice(touching[0], touching[-1] + r))
+    return tuple(out)
+
+
+def box_on_grid(box: Box, src_ijk_to_ras: np.ndarray, shape: Sequence[int], dst_ijk_to_ras: np.ndarray) -> Box:
+    """The (k, j, i) box of ``dst`` voxels that covers the voxel centres of ``box`` on the source grid."""
+    corners = np.array([[i, j, k] for i in (box[2].start, box[2].stop - 1) for j in (box[1].start, box[1].stop - 1)
+                        for k in (box[0].start, box[0].stop - 1)], dtype=np.float64)
+    m = np.linalg.inv(dst_ijk_to_ras) @ src_ijk_to_ras
+    ijk = corners @ m[:3, :3].T + m[:3, 3]
+    lo = np.clip(np.floor(ijk.min(axis=0) + 1e-6).astype(int), 0, np.array(shape[::-1]) - 1)
+    hi = np.clip(np.ceil(ijk.max(axis=0) - 1e-6).astype(int) + 1, 1, np.array(shape[::-1]))
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo[::-1], hi[::-1]))
 
 
 def resample(src: np.ndarray, src_ijk_to_ras: np.ndarray, dst_shape: Sequence[int],
@@ -147,9 +217,30 @@ def resample(src: np.ndarray, src_ijk_to_ras: np.ndarray, dst_shape: Sequence[in
         matrix, offset = a, b
     if output is None:
         output = np.empty(tuple(int(x) for x in dst_shape), dtype=np.float32)
-    ndimage.affine_transform(src, matrix, offset=offset, output=output, order=order, mode="nearest",
-                             prefilter=False)
+    # scipy releases the GIL: slabs of the output along its first axis are sampled in parallel
+    column = matrix[0] if matrix.ndim == 1 else matrix[:, 0]
+    slabs = np.array_split(np.arange(output.shape[0]), min(_threads(), max(1, output.size // 2_000_000)))
+
+    def sample(rows: np.ndarray) -> None:
+        if rows.size:
+            k0 = int(rows[0])
+            start = np.array(offset, dtype=np.float64) + (np.eye(3)[0] * column if matrix.ndim == 1 else column) * k0
+            ndimage.affine_transform(src, matrix, offset=start, output=output[k0:int(rows[-1]) + 1], order=order,
+                                     mode="nearest", prefilter=False)
+
+    if len(slabs) == 1:
+        sample(slabs[0])
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(slabs)) as pool:
+            list(pool.map(sample, slabs))
     return output
+
+
+def _threads() -> int:
+    """CPU threads to use: torch's setting (which follows OMP_NUM_THREADS), at least one."""
+    return max(1, int(torch.get_num_threads()))
 
 
 def normalise(values: np.ndarray, channels: Sequence[InputChannel]) -> np.ndarray:
@@ -180,22 +271,30 @@ def preprocess(image: Image, card: ModelCard) -> Prepared:
     full: Box = (slice(0, array.shape[0]), slice(0, array.shape[1]), slice(0, array.shape[2]))
     box: Optional[Box] = None
     if pre.crop_foreground is not None:
-        margin = [math.ceil(pre.crop_foreground.margin_mm / s) for s in image.spacing[::-1]]
-        box = foreground_box(array, pre.crop_foreground.threshold, margin)
+        spacing_kji = image.spacing[::-1]
+        margin = [math.ceil(pre.crop_foreground.margin_mm / s) for s in spacing_kji]
+        box = foreground_box(array, pre.crop_foreground.threshold, margin, spacing_kji, MIN_BODY_PART)
     box = box or full  # nothing above the threshold: keep everything rather than guess
-    values = array[box]
-    matrix = shift_matrix(image.ijk_to_ras, box)
 
+    # The network grid of the whole image (reoriented, then at the card's spacing, as MONAI's
+    # Orientationd + Spacingd make it); only the windows that touch the crop box are kept of it.
+    values, matrix = array, np.array(image.ijk_to_ras, dtype=np.float64)
     if pre.orientation:
         values, matrix = reorient(values, matrix, pre.orientation)
     spacing = np.linalg.norm(matrix[:3, :3], axis=0)
-    if pre.spacing is not None and not np.allclose(spacing, pre.spacing, rtol=1e-4, atol=0):
-        shape, net_matrix = resampled_grid(values.shape, matrix, pre.spacing)
-        # sample the whole input, not the crop: the network grid reaches slightly past the crop
-        # box, and real voxels there keep the interpolation exact up to the box's faces
+    resampling = pre.spacing is not None and not np.allclose(spacing, pre.spacing, rtol=1e-4, atol=0)
+    whole_shape, whole_matrix = resampled_grid(values.shape, matrix, pre.spacing) if resampling else (
+        values.shape, matrix)
+    net_box = box_on_grid(box, image.ijk_to_ras, whole_shape, whole_matrix)
+    roi = list(card.inference.roi_size)
+    net_box = window_aligned_box(net_box, whole_shape, roi if pre.axis_order == "kji" else roi[::-1],
+                                 card.inference.overlap)
+    net_matrix = shift_matrix(whole_matrix, net_box)
+    shape = tuple(b.stop - b.start for b in net_box)
+    if resampling:  # the one interpolation, straight from the input onto the kept part of the grid
         values = resample(array, image.ijk_to_ras, shape, net_matrix, order=1)
     else:
-        shape, net_matrix = values.shape, matrix
+        values = values[net_box]  # a view
 
     if pre.axis_order == "ijk":
         values = values.T  # a view; normalise() writes the tensor in this order
