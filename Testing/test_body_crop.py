@@ -44,8 +44,8 @@ def test_a_single_bright_voxel_is_found():
 
 @pytest.mark.parametrize("size,roi,overlap", [(200, 96, 0.25), (96, 96, 0.5), (50, 96, 0.25), (300, 64, 0.5)])
 def test_window_starts_are_monai_s(size, roi, overlap):
-    from monai.inferers.utils import _get_scan_interval
     from monai.data.utils import dense_patch_slices
+    from monai.inferers.utils import _get_scan_interval
 
     if size > roi:
         interval = _get_scan_interval((size,), (roi,), 1, (overlap,))

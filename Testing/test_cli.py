@@ -52,8 +52,10 @@ def test_label_writes_a_segmentation_slicer_reads_and_tags(model_dir, scan, tmp_
 def test_label_nifti_format_with_label_table(model_dir, scan, tmp_path):
     out = tmp_path / "out"
     assert main(["label", str(scan), "-o", str(out), "--model", str(model_dir), "--device", "cpu", "-q",
-                 "--format", "nii.gz"]) == 0
+                 "--format", "nii.gz", "--precision", "float32"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["case01.labels.csv", "case01.nii.gz", "case01.tags.json"]
+    provenance = json.loads((out / "case01.tags.json").read_text(encoding="utf-8"))["provenance"]
+    assert provenance["precision"] == "float32" and provenance["amp"] is False
     img = nib.load(str(out / "case01.nii.gz"))
     np.testing.assert_allclose(img.affine, nib.load(str(scan)).affine, atol=1e-4)
     assert set(np.unique(np.asarray(img.dataobj)).tolist()) == {0, 1}
