@@ -255,15 +255,17 @@ def report(results: List[Dict[str, Any]], training_running: bool, shape_kji=CT_S
 
 def training_running() -> bool:
     """True if a model-training process is running now (a stopped one, e.g. paused with SIGSTOP, is not)."""
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if (b"builtin_recipe" in cmd or b"medautolabel train" in cmd) and state not in ("T", "t", "Z"):
-            return True
-    return False
+    return any(is_running_training(proc) for proc in Path("/proc").glob("[0-9]*"))
+
+
+def is_running_training(proc: Path) -> bool:
+    """Whether the process of /proc/<pid> ``proc`` trains a model and is not stopped."""
+    try:
+        cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+        state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return (b"builtin_recipe" in cmd or b"medautolabel train" in cmd) and state not in ("T", "t", "Z", "X")
 
 
 def main(argv=None) -> int:
