@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -157,3 +158,28 @@ def test_python_dash_m_runs_the_command():
     run = subprocess.run([sys.executable, "-m", "medautolabel", "--version"], capture_output=True, text=True,
                          timeout=120, check=False)
     assert run.returncode == 0 and run.stdout.strip() == f"medautolabel {__version__}"
+
+
+def test_label_files_reads_the_next_input_while_labelling(model_dir, scan, tmp_path, monkeypatch):
+    """Inputs are read on a reader thread, one ahead; a bad one in the middle is still that case's error."""
+    import threading
+
+    from medautolabel import io as io_module
+    from medautolabel.batch import label_files
+
+    inputs = []
+    for name in ("a", "b", "c"):
+        target = scan.parent / f"{name}.nii.gz"
+        target.write_bytes(scan.read_bytes() if name != "b" else b"not an image")
+        inputs.append(target)
+    seen = []
+    real = io_module.read_image
+    monkeypatch.setattr(io_module, "read_image", lambda p: seen.append((Path(p).name, threading.current_thread().name))
+                        or real(p))
+    records = label_files(inputs, tmp_path / "out", model=str(model_dir), device="cpu")
+    assert [r["status"] for r in records] == ["ok", "error", "ok"]
+    assert "b.nii.gz" in records[1]["message"]
+    assert [name for name, _ in seen] == ["a.nii.gz", "b.nii.gz", "c.nii.gz"]
+    assert all(thread.startswith("medautolabel-read") for _, thread in seen)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.seg.nrrd", "a.tags.json", "c.seg.nrrd",
+                                                                    "c.tags.json"]

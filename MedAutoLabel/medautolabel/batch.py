@@ -8,6 +8,7 @@ written atomically. Inputs whose outputs already exist are skipped (never rewrit
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -71,7 +72,7 @@ def label_files(inputs: Sequence[PathLike], out_dir: PathLike, model: Union[str,
     card = None if bundle else resolve_model(model)
     check_unique_stems(inputs)
     records: List[Dict[str, Any]] = []
-    n = len(inputs)
+    todo = []  # (index, path, stem, record) of the inputs to label
     for index, path in enumerate(inputs):
         stem = case_stem(path)
         outputs = output_paths(out_dir, stem, fmt)
@@ -81,30 +82,44 @@ def label_files(inputs: Sequence[PathLike], out_dir: PathLike, model: Union[str,
         if not overwrite and all(p.exists() for p in outputs):
             record["status"] = "skipped"
             record["message"] = "outputs already exist"
-            continue
-        t0 = time.perf_counter()
+        else:
+            todo.append((index, path, stem, record))
+    n = len(inputs)
+    # The next input is read on a second thread while this one is labelled (file I/O and decompression
+    # overlap the network, on a GPU especially); at most two images are in memory.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medautolabel-read") as reader:
+        upcoming = reader.submit(read_image, todo[0][1]) if todo else None
+        for position, (index, _path, stem, record) in enumerate(todo):
+            t0 = time.perf_counter()
+            reading = upcoming
+            upcoming = reader.submit(read_image, todo[position + 1][1]) if position + 1 < len(todo) else None
 
-        def case_progress(fraction: float, stage: str, index: int = index) -> None:
-            if progress is not None:
-                progress(index, n, fraction, stage)
+            def case_progress(fraction: float, stage: str, index: int = index) -> None:
+                if progress is not None:
+                    progress(index, n, fraction, stage)
 
-        try:
-            image = read_image(path)
-            if bundle is not None:
-                result = bundle.label(image, progress=case_progress)
-            else:
-                result = label_image(image, card, device=device, progress=case_progress, cancel=cancel,
-                                     postprocess=postprocess, low_confidence_threshold=low_confidence_threshold,
-                                     tta=tta, precision=precision)
-            write_result(result, out_dir, stem, fmt)
-            record["facts"] = result.facts()
-        except Cancelled:
-            raise
-        except MedAutoLabelError as e:
-            record["status"] = "error"
-            record["message"] = str(e)
-            if fail_fast:
+            try:
+                image = reading.result()
+                if bundle is not None:
+                    result = bundle.label(image, progress=case_progress)
+                else:
+                    result = label_image(image, card, device=device, progress=case_progress, cancel=cancel,
+                                         postprocess=postprocess, low_confidence_threshold=low_confidence_threshold,
+                                         tta=tta, precision=precision)
+                del image
+                write_result(result, out_dir, stem, fmt)
+                record["facts"] = result.facts()
+            except Cancelled:
+                if upcoming is not None:
+                    upcoming.cancel()
                 raise
-        finally:
-            record["seconds"] = round(time.perf_counter() - t0, 3)
+            except MedAutoLabelError as e:
+                record["status"] = "error"
+                record["message"] = str(e)
+                if fail_fast:
+                    if upcoming is not None:
+                        upcoming.cancel()
+                    raise
+            finally:
+                record["seconds"] = round(time.perf_counter() - t0, 3)
     return records
