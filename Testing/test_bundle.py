@@ -81,7 +81,8 @@ def test_exported_bundle_equals_the_native_model_on_its_own_grid(bundle_dir):
     shape, m = training_grid(64, 0.8)
     image = render(1_000_010, shape, m).image
     ours = BundleModel(bundle_dir, device="cpu", trust=True).label(image)
-    native = label_image(image, "vessel-nerve-cta", device="cpu", postprocess=False, tta="none")  # bundles have no TTA
+    # bundles have no TTA and run in float32 (native "auto" would be bfloat16 on CPUs with native bfloat16)
+    native = label_image(image, "vessel-nerve-cta", device="cpu", postprocess=False, tta="none", precision="float32")
     for value in (1, 2):
         assert (native.labelmap.array == value).sum() > 50
         assert dice(ours.labelmap.array == value, native.labelmap.array == value) >= 0.99

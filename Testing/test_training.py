@@ -2,7 +2,7 @@
 interruption, the HDF5 cache (hit, partial rebuild, full rebuild on a new spacing, streaming),
 fine-tuning ``--from`` a model, 2-process DistributedDataParallel with gloo, and the config format.
 
-Datasets are tiny synthetic CT-like volumes (24^3 voxels of 1.5 mm, trained on a 19^3 grid of 2 mm): a bright
+Datasets are tiny synthetic CT-like volumes (24^3 voxels of 1.5 mm, trained on an 18^3 grid of 2 mm): a bright
 sphere ("vessel"), a small dark blob ("nerve") and, in every second case, a very bright dot
 (image-level class "finding": present). Networks are tiny UNets; the whole file runs in well under
 a minute on 2 cores.
@@ -191,10 +191,11 @@ def test_cache_hit_partial_update_and_rebuild_when_spacing_changes(dataset, tmp_
 
     store = cache_module.CaseStore(path, first.case_keys, in_memory=False)
     image, label = store.read(0)
-    assert image.shape == (1, 19, 19, 19) and label.dtype == np.uint8 and set(np.unique(label)) <= {0, 1, 2}
+    # MONAI Spacingd's grid: 24 voxels x 1.5 mm = 36 mm -> 18 voxels of 2 mm
+    assert image.shape == (1, 18, 18, 18) and label.dtype == np.uint8 and set(np.unique(label)) <= {0, 1, 2}
     assert store.spacing == (2.0, 2.0, 2.0)
     in_mem = cache_module.CaseStore(path, first.case_keys, in_memory=True)
-    box = (slice(3, 11), slice(0, 19), slice(5, 9))
+    box = (slice(3, 11), slice(0, 18), slice(5, 9))
     assert np.array_equal(store.read(1, box)[0], in_mem.read(1, box)[0])
     store.close()
 
@@ -215,7 +216,7 @@ def test_cache_hit_partial_update_and_rebuild_when_spacing_changes(dataset, tmp_
         "preprocessing": {"orientation": "RAS", "spacing": [3.0, 3.0, 3.0]}})
     fourth = cache_module.build_cache(path, cases, card2, card_dict2, cfg2.cache)
     assert (fourth.built, fourth.rebuilt_all) == (8, True)
-    assert cache_module.CaseStore(path, fourth.case_keys, True).read(0)[0].shape == (1, 13, 13, 13)
+    assert cache_module.CaseStore(path, fourth.case_keys, True).read(0)[0].shape == (1, 12, 12, 12)  # 36 mm / 3 mm
 
 
 def test_torchrun_two_processes_end_with_identical_weights(trained, dataset, tmp_path):

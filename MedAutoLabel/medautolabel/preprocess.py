@@ -142,8 +142,8 @@ def resampled_grid(shape_kji: Sequence[int], ijk_to_ras: np.ndarray,
                    spacing_ijk: Sequence[float]) -> Tuple[Tuple[int, int, int], np.ndarray]:
     """The grid with the same directions and the new spacing, exactly as MONAI's ``Spacingd`` makes it.
 
-    It starts on the old grid's first voxel centre and has about extent / spacing + 1 voxels per
-    axis (MONAI's ``zoom_affine`` + ``compute_shape_offset``, called here so that a model exported
+    It starts on the old grid's first voxel centre and has about n x old spacing / new spacing
+    voxels per axis (MONAI's ``zoom_affine`` + ``compute_shape_offset``, called here so that a model exported
     as a bundle sees the same voxels in MONAI's runner). The old grid's far voxel centres may lie
     up to half a new voxel outside it; mapping back clamps to the edge there.
     """
