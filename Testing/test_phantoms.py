@@ -86,3 +86,20 @@ def test_seed_ranges_do_not_overlap():
     assert phantoms.DEMO_SEED not in phantoms.TRAINING_SEEDS
     assert phantoms.DEMO_SEED not in phantoms.HELD_OUT_SEEDS
     assert phantoms.HELD_OUT_SEEDS.start >= phantoms.TRAINING_SEEDS.stop
+
+
+def test_blood_pool_is_not_vessel_and_hides_what_the_trees_route_through_it():
+    """The demo phantom has a contrast pool that its vessel tree crosses: inside it, no vessel or nerve, one level."""
+    ph = phantoms.make_phantom(phantoms.DEMO_SEED)
+    pool = ph.blood_pool_mask
+    assert pool is not None and pool.sum() > 10_000
+    from scipy import ndimage
+
+    core = ndimage.binary_erosion(pool, iterations=3)  # away from the pool's partial-volume rim
+    assert not np.isin(ph.labels.array[pool], (phantoms.VESSEL, phantoms.NERVE)).any()
+    hu = ph.image.array[core].astype(np.float64)
+    assert hu.mean() > 250  # contrast-filled, as bright as the vessels next to it
+    assert hu.std() < 40  # a uniform pool (noise only): no vessel drawn inside it
+    vessel_hu = ph.image.array[ndimage.binary_erosion(ph.labels.array == phantoms.VESSEL, iterations=1)]
+    assert abs(np.median(vessel_hu) - hu.mean()) < 120  # as bright as the vessels: a true look-alike
+    assert not ph.aneurysm or (ph.aneurysm_mask & pool).sum() == 0
