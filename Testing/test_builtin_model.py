@@ -66,3 +66,20 @@ def test_bfloat16_gives_the_float32_labels():
     for value in (1, 2):
         assert (a == value).sum() > 300
         assert dice(a == value, b == value) >= 0.99
+
+
+def test_frozen_cpu_graph_gives_the_eager_labels(monkeypatch):
+    """In float32 on the CPU the network runs as a frozen TorchScript graph: the same labels as eager PyTorch."""
+    import medautolabel.inference as inference_module
+
+    ph = make_phantom(SEEDS[1])
+    frozen = label_image(ph.image, "vessel-nerve-cta", device="cpu", tta="none", precision="float32")
+    monkeypatch.setattr(inference_module, "FROZEN_GRAPH_MIN_WINDOWS", 10**9)
+    eager = label_image(ph.image, "vessel-nerve-cta", device="cpu", tta="none", precision="float32")
+    assert frozen.provenance["network_runtime"] == "torchscript-frozen"
+    assert eager.provenance["network_runtime"] == "pytorch"
+    assert frozen.provenance["windows"]["computed"] == eager.provenance["windows"]["computed"] >= 8
+    a, b = eager.labelmap.array, frozen.labelmap.array
+    for value in (1, 2):
+        assert (a == value).sum() > 300
+        assert dice(a == value, b == value) >= 0.999

@@ -115,3 +115,80 @@ def test_precision_auto_uses_bfloat16_only_where_the_cpu_has_it(monkeypatch, nat
         device_module.resolve_precision(CPU, "float16")
     with pytest.raises(MedAutoLabelError, match="unknown precision 'half'"):
         device_module.resolve_precision(CPU, "half")
+
+
+def _tiny_unet():
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(0)
+    return UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8), strides=(2,), num_res_units=1,
+                norm="instance").eval()
+
+
+class Counting(torch.nn.Module):
+    """A real network that also counts the windows it is given (side effects: never traced)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.windows = net, 0
+
+    def forward(self, x):
+        self.windows += x.shape[0]
+        return self.net(x)
+
+
+def _air_with_an_object(size=(48, 48, 48)):
+    x = torch.zeros((1, 1) + size)
+    x[0, 0, 2:14, 3:15, 4:12] = torch.rand(12, 12, 8, generator=torch.Generator().manual_seed(1))
+    return x
+
+
+@pytest.mark.parametrize("tta,batch", [("none", 1), ("flip", 1), ("none", 3)])
+def test_constant_windows_are_computed_once_and_give_the_same_output(monkeypatch, tta, batch):
+    import medautolabel.inference as inference_module
+
+    monkeypatch.setattr(inference_module, "FROZEN_GRAPH_MIN_WINDOWS", 10**9)  # eager: exact comparison
+    x = _air_with_an_object()
+    spec = InferenceSpec((16, 16, 16), 0.25, batch, "gaussian", tta)
+    plain, reusing = Counting(_tiny_unet()), Counting(_tiny_unet())
+    expected = sliding_window(plain, x, spec, CPU)
+    stats = {}
+    got = sliding_window(reusing, x, spec, CPU, optimise=True, stats=stats)
+    if batch == 1:
+        assert torch.equal(got, expected)  # the very same computations, reused
+    else:  # a batch of another size may round differently in the last bits
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    passes = 1 if tta == "none" else 4
+    n = window_count(x.shape[2:], (16, 16, 16), 0.25)
+    assert plain.windows == n * passes
+    assert reusing.windows < plain.windows // 4  # only windows touching the object, and one air window
+    assert stats["windows"] == n and stats["network_runtime"] == "pytorch"
+    assert reusing.windows == (n - stats["windows_reused"]) * passes
+
+
+def test_frozen_cpu_graph_matches_the_eager_network_and_is_reused():
+    from medautolabel import cpu_graph
+
+    net = _tiny_unet()
+    x = _air_with_an_object((40, 40, 40)) + 0.01 * torch.rand(1, 1, 40, 40, 40, generator=torch.Generator().manual_seed(2))
+    spec = InferenceSpec((16, 16, 16), 0.25, 1, "gaussian")
+    assert window_count(x.shape[2:], (16, 16, 16), 0.25) >= 8
+    expected = sliding_window(net, x, spec, CPU)
+    got = sliding_window(net, x, spec, CPU, optimise=True, precision="float32")
+    graph = cpu_graph._graphs[net][(1, 1, 16, 16, 16)]
+    assert isinstance(graph, torch.jit.ScriptModule)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    assert torch.equal(got.argmax(0), expected.argmax(0))
+    assert cpu_graph.frozen_for_cpu(net, (1, 1, 16, 16, 16)) is graph  # built once
+
+
+def test_a_network_that_cannot_be_traced_runs_eagerly():
+    from medautolabel import cpu_graph
+
+    class DictOut(torch.nn.Module):
+        def forward(self, x):
+            return {"pred": 2 * x}
+
+    net = DictOut()
+    assert cpu_graph.build_graph(net, (1, 1, 8, 8, 8)) is None
+    assert cpu_graph.frozen_for_cpu(net, (1, 1, 8, 8, 8)) is net

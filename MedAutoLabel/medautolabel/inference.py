@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -38,48 +38,102 @@ def tta_flips(mode: str) -> List[Tuple[int, ...]]:
     return []
 
 
+FROZEN_GRAPH_MIN_WINDOWS = 8  # below this, building and checking the frozen CPU graph costs more than it saves
+
+
+def constant_value(window: torch.Tensor) -> Optional[Tuple[float, ...]]:
+    """The per-channel values of a (C, *spatial) window that is constant in every channel, else None."""
+    flat = window.reshape(window.shape[0], -1)
+    low, high = torch.aminmax(flat, dim=1)
+    if not bool(torch.equal(low, high)):
+        return None
+    return tuple(float(v) for v in low.tolist())
+
+
 def sliding_window(network: torch.nn.Module, tensor: torch.Tensor, spec: InferenceSpec,
                    device: torch.device, sw_batch_size: Optional[int] = None,
                    output_device: Optional[torch.device] = None, progress: Optional[ProgressFn] = None,
-                   cancel: Optional[CancelFn] = None, precision: Optional[str] = None) -> torch.Tensor:
+                   cancel: Optional[CancelFn] = None, precision: Optional[str] = None,
+                   optimise: bool = False, stats: Optional[Dict[str, Any]] = None) -> torch.Tensor:
     """One sliding-window pass: (1, C_in, *spatial) -> (C_out, *spatial) float32 on ``output_device``.
 
     ``precision`` (see device.resolve_precision; None: float16 on CUDA, float32 elsewhere) is the
     network's; windows are always blended in float32.
     ``cancel`` is checked before every window batch (raises Cancelled); ``progress`` gets the
     fraction of window batches done, ending at 1.0.
+    ``optimise`` (for real networks, not for modules with side effects): windows that are constant in
+    every channel (air, padding) are computed once per constant and reused, which gives exactly
+    the same output; in float32 on the CPU the network runs as a frozen TorchScript graph
+    (cpu_graph.py) when there are enough windows to pay for building it. ``stats`` (a dict) gets
+    ``network_runtime`` ("torchscript-frozen" or "pytorch"), ``windows`` and ``windows_reused``.
     """
     from monai.inferers import sliding_window_inference
 
     batch = int(sw_batch_size or spec.sw_batch_size)
     roi = [int(r) for r in spec.roi_size]
-    total = max(math.ceil(window_count(tensor.shape[2:], roi, spec.overlap) / batch), 1)
+    windows_total = window_count(tensor.shape[2:], roi, spec.overlap)
+    total = max(math.ceil(windows_total / batch), 1)
     done = [0]
 
     flips = tta_flips(spec.tta)
+    run = network
+    if optimise and device.type == "cpu" and precision in (None, "float32") and windows_total >= FROZEN_GRAPH_MIN_WINDOWS:
+        from .cpu_graph import frozen_for_cpu
+
+        run = frozen_for_cpu(network, (batch, int(tensor.shape[1]), *roi))
+    constant_outputs: Dict[Tuple[float, ...], torch.Tensor] = {}
+    reused = [0]
 
     def forward(windows: torch.Tensor) -> torch.Tensor:
+        fn = run if windows.shape[0] == batch else network  # the graph was traced for full batches
         with autocast(device, precision):
-            out = network(windows)
+            out = fn(windows)
         if isinstance(out, (list, tuple)):  # deep-supervision networks return several heads
             out = out[0]
         return out.float()
 
-    def predictor(windows: torch.Tensor) -> torch.Tensor:
-        if cancel is not None and cancel():
-            raise Cancelled()
+    def predict(windows: torch.Tensor) -> torch.Tensor:
         out = forward(windows)
         for dims in flips:  # test-time augmentation: the mean of the flipped passes, flipped back
             out += torch.flip(forward(torch.flip(windows, dims)), dims)
+        return out / (1 + len(flips)) if flips else out
+
+    def predict_reusing_constant_windows(windows: torch.Tensor) -> torch.Tensor:
+        keys = [constant_value(w) for w in windows]
+        todo = [n for n, k in enumerate(keys) if k is None or k not in constant_outputs]
+        if len(todo) == len(keys):
+            out = predict(windows)
+        else:
+            computed = predict(windows[todo]) if todo else None
+            first = computed[0] if computed is not None else constant_outputs[keys[0]]
+            out = first.new_empty((len(keys),) + tuple(first.shape))
+            for n, k in enumerate(keys):
+                if n not in todo:
+                    out[n] = constant_outputs[k]
+                    reused[0] += 1
+            if computed is not None:
+                out[todo] = computed
+        for n, k in enumerate(keys):
+            if k is not None and k not in constant_outputs:
+                constant_outputs[k] = out[n].clone()
+        return out
+
+    def predictor(windows: torch.Tensor) -> torch.Tensor:
+        if cancel is not None and cancel():
+            raise Cancelled()
+        out = predict_reusing_constant_windows(windows) if optimise else predict(windows)
         done[0] += 1
         if progress is not None:
             progress(min(done[0] / total, 1.0))
-        return out / (1 + len(flips)) if flips else out
+        return out
 
     with torch.inference_mode():
         out = sliding_window_inference(
             tensor, roi, batch, predictor, overlap=spec.overlap, mode=spec.blend,
             sw_device=device, device=output_device or device)
+    if stats is not None:
+        stats.update(network_runtime="pytorch" if run is network else "torchscript-frozen", windows=windows_total,
+                     windows_reused=reused[0])
     return out[0].float()
 
 
@@ -87,8 +141,9 @@ def infer(network: torch.nn.Module, tensor: torch.Tensor, spec: InferenceSpec, d
           progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
           warn: Optional[WarnFn] = None,
           load_on: Optional[Callable[[torch.device], torch.nn.Module]] = None,
-          precision: str = "auto") -> Tuple[torch.Tensor, str, str]:
-    """Run the sliding window, retrying after a GPU out-of-memory error.
+          precision: str = "auto", optimise: bool = False,
+          stats: Optional[Dict[str, Any]] = None) -> Tuple[torch.Tensor, str, str]:
+    """Run the sliding window, retrying after a GPU out-of-memory error (``optimise``, ``stats``: see sliding_window).
 
     Fallback order: halve the window batch down to 1, then keep the stitched output on the CPU,
     then run entirely on the CPU (``load_on(cpu)`` gives the network there). Each step is
@@ -111,7 +166,7 @@ def infer(network: torch.nn.Module, tensor: torch.Tensor, spec: InferenceSpec, d
             net = load_on(sw_dev) if load_on is not None else network.to(sw_dev)
         try:
             used = resolve_precision(sw_dev, precision)
-            out = sliding_window(net, tensor, spec, sw_dev, batch, out_dev, progress, cancel, used)
+            out = sliding_window(net, tensor, spec, sw_dev, batch, out_dev, progress, cancel, used, optimise, stats)
             return out.cpu(), str(sw_dev), used
         except Exception as e:  # only out-of-memory errors are retried
             if not is_out_of_memory(e) or n == len(plans) - 1:

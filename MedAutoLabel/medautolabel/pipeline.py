@@ -117,9 +117,11 @@ def label_image(image: Image, model: Union[str, Path, ModelCard], device: str = 
     check_cancel()
 
     report("inference", 0.0)
+    window_stats: Dict[str, Any] = {}
     logits, used, used_precision = infer(network, prepared.tensor, card.inference, dev,
                                          progress=lambda f: report("inference", f), cancel=cancel, warn=warn,
-                                         load_on=lambda d: load_network(card, d), precision=precision)
+                                         load_on=lambda d: load_network(card, d), precision=precision,
+                                         optimise=True, stats=window_stats)
     t = timed("inference", t)
     prepared.tensor = prepared.tensor.new_empty(0)  # free the input tensor: only its geometry is needed now
     check_cancel()
@@ -139,6 +141,9 @@ def label_image(image: Image, model: Union[str, Path, ModelCard], device: str = 
         "device": used,
         "amp": used_precision != "float32",
         "precision": used_precision,
+        "network_runtime": window_stats.get("network_runtime", "pytorch"),
+        "windows": {"computed": window_stats.get("windows", 0) - window_stats.get("windows_reused", 0),
+                    "reused_constant": window_stats.get("windows_reused", 0)},
         "postprocessing": bool(postprocess),
         "test_time_augmentation": card.inference.tta,
         "low_confidence_threshold": (card.low_confidence_threshold if low_confidence_threshold is None
