@@ -3,9 +3,9 @@
 ``torch.jit.trace`` + ``freeze`` + ``optimize_for_inference`` fold the weights into the graph and
 let oneDNN pre-pack the convolution weights once instead of at every call. On a 2-core AVX2 CPU
 the built-in UNet then runs a 96^3 window about 1.5x faster than eager PyTorch (0.26 s against
-0.39 s), with outputs equal to about 1e-5 (docs/benchmarks.md). Each graph is checked against the eager network on one
-random window before it is used; a network that cannot be traced, or whose graph disagrees,
-runs eagerly. Graphs are cached per network object and window shape.
+0.39 s), with outputs equal to about 1e-5 (docs/benchmarks.md). Each graph is checked against the
+eager network on one random window before it is used; a network that cannot be traced, or whose
+graph disagrees, runs eagerly. Graphs are cached per network object and window shape.
 """
 
 from __future__ import annotations

@@ -100,22 +100,16 @@ def sliding_window(network: torch.nn.Module, tensor: torch.Tensor, spec: Inferen
 
     def predict_reusing_constant_windows(windows: torch.Tensor) -> torch.Tensor:
         keys = [constant_value(w) for w in windows]
-        todo = [n for n, k in enumerate(keys) if k is None or k not in constant_outputs]
+        todo = [n for n, k in enumerate(keys) if k not in constant_outputs]  # None (not constant) is never a key
         if len(todo) == len(keys):
             out = predict(windows)
         else:
-            computed = predict(windows[todo]) if todo else None
-            first = computed[0] if computed is not None else constant_outputs[keys[0]]
-            out = first.new_empty((len(keys),) + tuple(first.shape))
-            for n, k in enumerate(keys):
-                if n not in todo:
-                    out[n] = constant_outputs[k]
-                    reused[0] += 1
-            if computed is not None:
-                out[todo] = computed
-        for n, k in enumerate(keys):
+            computed = dict(zip(todo, predict(windows[todo]))) if todo else {}
+            out = torch.stack([computed[n] if n in computed else constant_outputs[k] for n, k in enumerate(keys)])
+            reused[0] += len(keys) - len(todo)
+        for k, window_out in zip(keys, out):
             if k is not None and k not in constant_outputs:
-                constant_outputs[k] = out[n].clone()
+                constant_outputs[k] = window_out.clone()
         return out
 
     def predictor(windows: torch.Tensor) -> torch.Tensor:

@@ -136,11 +136,20 @@ class Canvas:
         np.maximum(self.frac[sl], _soft((norm - 1.0) * float(radii.min()), self.width), out=self.frac[sl])
 
 
-def _inside_ellipsoid(point: np.ndarray, centre: np.ndarray, radii: np.ndarray, rotation: np.ndarray,
-                      margin: float = 3.0) -> bool:
-    """Whether ``point`` lies within ``margin`` mm of the ellipsoid of ``Canvas.add_ellipsoid``'s arguments."""
-    local = (np.asarray(point, dtype=np.float64) - centre) @ rotation
-    return bool(np.linalg.norm(local / (np.asarray(radii) + margin)) < 1.0)
+@dataclass
+class BloodPool:
+    """A heart-chamber-like contrast pool: its canvas, level (HU) and ellipsoid (as ``Canvas.add_ellipsoid`` takes it)."""
+
+    canvas: Canvas
+    level: float
+    centre: np.ndarray
+    radii: np.ndarray
+    rotation: np.ndarray
+
+    def near(self, point: np.ndarray, margin: float = 3.0) -> bool:
+        """Whether ``point`` lies within ``margin`` mm of the pool."""
+        local = (np.asarray(point, dtype=np.float64) - self.centre) @ self.rotation
+        return bool(np.linalg.norm(local / (np.asarray(self.radii) + margin)) < 1.0)
 
 
 def _paint(hu: np.ndarray, frac: np.ndarray, value) -> None:
@@ -388,7 +397,7 @@ def render(seed: int, shape_kji: Sequence[int], ijk_to_ras: np.ndarray,
     # Heart-chamber-like contrast pool with a muscular wall (not vessel) in some cases. The pool is
     # blood, not vessel: vessels and nerves that the trees below route through it end at its
     # surface (it is painted again over them), as great vessels do at the heart.
-    chamber = None
+    chamber: Optional[BloodPool] = None
     if rng.random() < 0.15:
         c, rot = shift + rng.uniform(-0.7, 0.7, 3) * half_fov, _random_rotation(rng)
         radii = rng.uniform(18, 35, 3)
@@ -396,8 +405,8 @@ def render(seed: int, shape_kji: Sequence[int], ijk_to_ras: np.ndarray,
         wall.add_ellipsoid(c, radii + rng.uniform(5, 10), rot)
         pool.add_ellipsoid(c, radii, rot)
         _paint(hu, wall.frac, rng.uniform(40, 110))
-        chamber = (pool, look.contrast + rng.uniform(-60, 60), c, radii, rot)
-        _paint(hu, pool.frac, chamber[1])
+        chamber = BloodPool(pool, look.contrast + rng.uniform(-60, 60), c, radii, rot)
+        _paint(hu, pool.frac, chamber.level)
 
     # Vessel trees: a main tree (radius 1.5-16 mm) and 0-2 others, some less enhanced (veins).
     root = float(rng.choice([rng.uniform(1.5, 5), rng.uniform(5, 10), rng.uniform(10, 16)], p=[0.5, 0.3, 0.2]))
@@ -438,9 +447,8 @@ def render(seed: int, shape_kji: Sequence[int], ijk_to_ras: np.ndarray,
         _paint(hu, layer.frac, level)
         np.maximum(vessel.frac, layer.frac, out=vessel.frac)
     if chamber is not None:
-        pool_frac, pool_level = chamber[0].frac, chamber[1]
-        _paint(hu, pool_frac, pool_level)
-        outside_pool = 1.0 - pool_frac
+        _paint(hu, chamber.canvas.frac, chamber.level)
+        outside_pool = 1.0 - chamber.canvas.frac
         vessel.frac *= outside_pool
         nerve.frac *= outside_pool
 
@@ -453,7 +461,7 @@ def render(seed: int, shape_kji: Sequence[int], ijk_to_ras: np.ndarray,
         dist = [np.linalg.norm(t.points - shift, axis=1) for t, _ in pool]
         reach = max(half_fov * 0.6, min(float(d[1:-1].min()) if len(d) > 2 else np.inf for d in dist) + 5.0)
         spots = [(n, a) for n, d in enumerate(dist) for a in np.flatnonzero(d[1:-1] < reach) + 1
-                 if chamber is None or not _inside_ellipsoid(pool[n][0].points[a], *chamber[2:])] or [
+                 if chamber is None or not chamber.near(pool[n][0].points[a])] or [
             (int(np.argmax([len(d) for d in dist])), 1)]
         n, a = spots[rng.integers(len(spots))]
         t, level = pool[n]
@@ -489,7 +497,7 @@ def render(seed: int, shape_kji: Sequence[int], ijk_to_ras: np.ndarray,
     hu_img = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
     meta = {"modality": "CT", "source_name": f"phantom-{seed}"}
     return Phantom(Image(hu_img, grid.m.copy(), meta), Image(labels, grid.m.copy(), dict(meta)),
-                   aneurysm, sac_mask, seed, None if chamber is None else chamber[0].frac >= 0.5)
+                   aneurysm, sac_mask, seed, None if chamber is None else chamber.canvas.frac >= 0.5)
 
 
 def random_grid(rng: np.random.Generator, fov_mm: Tuple[float, float] = (80.0, 110.0),

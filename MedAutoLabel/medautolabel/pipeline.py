@@ -141,9 +141,9 @@ def label_image(image: Image, model: Union[str, Path, ModelCard], device: str = 
         "device": used,
         "amp": used_precision != "float32",
         "precision": used_precision,
-        "network_runtime": window_stats.get("network_runtime", "pytorch"),
-        "windows": {"computed": window_stats.get("windows", 0) - window_stats.get("windows_reused", 0),
-                    "reused_constant": window_stats.get("windows_reused", 0)},
+        "network_runtime": window_stats["network_runtime"],
+        "windows": {"computed": window_stats["windows"] - window_stats["windows_reused"],
+                    "reused_constant": window_stats["windows_reused"]},
         "postprocessing": bool(postprocess),
         "test_time_augmentation": card.inference.tta,
         "low_confidence_threshold": (card.low_confidence_threshold if low_confidence_threshold is None
