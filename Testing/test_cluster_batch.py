@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from killed_writer import kill_a_writer_of
 from thresholdmodel import CENTER, sphere_image, write_threshold_model
 
 from medautolabel.atomic import TEMP_PREFIX
@@ -91,9 +92,14 @@ def test_a_killed_batch_resumes_without_rewriting_finished_cases(model_dir, tmp_
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: driver, scheduler, worker
         proc.wait(timeout=30)
-    finished = {p.name: p.stat().st_mtime_ns for p in out.glob("*.seg.nrrd")}
+    # pathlib's glob matches hidden names: a SIGKILL during a write can leave a temporary behind
+    finished = {p.name: p.stat().st_mtime_ns for p in out.glob("*.seg.nrrd") if not p.name.startswith(TEMP_PREFIX)}
     assert 2 <= len(finished) < 6
     assert not (out / "summary.csv").exists()
+    # Whether the kill hit a write is luck: make sure one unfinished case has a half-written temporary
+    unfinished = sorted({f"case{c:02d}.seg.nrrd" for c in range(6)} - set(finished))[-1]
+    kill_a_writer_of(out / unfinished)
+    assert any(p.name.startswith(TEMP_PREFIX) and p.name.endswith(unfinished) for p in out.iterdir())
 
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -104,6 +110,4 @@ def test_a_killed_batch_resumes_without_rewriting_finished_cases(model_dir, tmp_
         assert (out / name).stat().st_mtime_ns == mtime  # never rewritten
     for r in rows.values():  # skipped cases still report their classes and volumes, from their tags
         assert r["aneurysm"] == "absent" and float(r["Vessel mL"]) > 1.0
-    # A SIGKILL during a write can leave a recognisable temporary (never mistaken for an output)
-    unexpected = [p.name for p in out.iterdir() if p.name.startswith(".") and not p.name.startswith(TEMP_PREFIX)]
-    assert unexpected == []
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # the kill's temporaries are gone

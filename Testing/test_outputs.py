@@ -9,9 +9,10 @@ import stat
 
 import numpy as np
 import pytest
+from killed_writer import kill_a_writer_of
 
 from medautolabel import outputs
-from medautolabel.atomic import TEMP_PREFIX, atomic_output, atomic_outputs
+from medautolabel.atomic import TEMP_PREFIX, atomic_output, atomic_outputs, leftover_temps
 from medautolabel.errors import MedAutoLabelError
 from medautolabel.image import Image, make_ijk_to_ras
 from medautolabel.io import read_image
@@ -143,3 +144,12 @@ def test_atomic_outputs_all_or_nothing(tmp_path):
         for t, text in zip(temps, "ab"):
             t.write_text(text)
     assert [p.read_text(encoding="utf-8") for p in targets] == ["a", "b"] and _no_temp_files(tmp_path)
+
+
+def test_leftover_temps_finds_a_killed_writers_temporary_for_that_target_only(tmp_path):
+    kill_a_writer_of(tmp_path / "x.seg.nrrd")
+    kill_a_writer_of(tmp_path / "a-x.seg.nrrd")  # a name that ends like x's
+    (left,) = leftover_temps(tmp_path / "x.seg.nrrd")
+    assert left.read_text(encoding="utf-8") == "half" and not (tmp_path / "x.seg.nrrd").exists()
+    assert len(leftover_temps(tmp_path / "a-x.seg.nrrd")) == 1 and leftover_temps(tmp_path / "a-x.seg.nrrd") != [left]
+    assert leftover_temps(tmp_path / "y.seg.nrrd") == [] and leftover_temps(tmp_path / "no" / "x.seg.nrrd") == []

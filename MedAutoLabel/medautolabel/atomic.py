@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterator, List, Sequence, Union
@@ -25,6 +26,15 @@ def _make_temp(path: Path) -> Path:
     fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix="-" + path.name, dir=str(path.parent))
     os.close(fd)
     return Path(name)
+
+
+def leftover_temps(path: PathLike) -> List[Path]:
+    """Temporaries for ``path`` that a killed writer left beside it (``mkstemp``'s random part has no ``-``)."""
+    target = Path(path)
+    pattern = re.compile(re.escape(TEMP_PREFIX) + r"[a-z0-9_]+-" + re.escape(target.name))
+    if not target.parent.is_dir():
+        return []
+    return sorted(p for p in target.parent.iterdir() if pattern.fullmatch(p.name))
 
 
 def _remove(path: Path) -> None:

@@ -2,9 +2,9 @@
 
 Each case runs ``batch.label_files`` for one input on a Dask worker (a local cluster of worker
 processes by default, or the cluster at ``scheduler``). Finished cases (both output files present)
-are skipped and never rewritten, so a killed batch is resumed by running it again. A case that
-fails is recorded in the summary and the others go on. Workers keep their loaded network between
-cases.
+are skipped and never rewritten, so a killed batch is resumed by running it again (the temporaries
+a kill left behind for unfinished cases are removed first). A case that fails is recorded in the
+summary and the others go on. Workers keep their loaded network between cases.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
-from .atomic import atomic_output
+from .atomic import atomic_output, leftover_temps
 from .batch import case_stem, check_unique_stems
 from .errors import InputError, MedAutoLabelError
 from .outputs import output_paths
@@ -115,6 +115,9 @@ def run_batch(cases: Sequence[PathLike], out_dir: PathLike, model: str = "vessel
                           "facts": _facts_from_tags(p, out, fmt)}
         else:
             todo.append(p)
+            for target in output_paths(out, case_stem(p), fmt):  # debris of a killed run, rewritten now anyway
+                for temp in leftover_temps(target):
+                    temp.unlink(missing_ok=True)
     done = len(records)
     if todo:
         client, cluster = _client(workers, scheduler)
