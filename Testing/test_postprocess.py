@@ -7,7 +7,7 @@ import pytest
 import torch
 from cardfactory import card_dict
 
-from medautolabel.classify import classify
+from medautolabel.classify import classify, gaussian_in_threads
 from medautolabel.image import make_ijk_to_ras
 from medautolabel.modelcard import ModelCard
 from medautolabel.postprocess import postprocess
@@ -106,3 +106,14 @@ def test_voxel_evidence_prefers_a_coherent_finding_to_one_hot_voxel():
     unsmoothed = card_dict()
     unsmoothed["classification"][0]["smoothing_mm"] = 0
     assert classify(hot, prepared(), ModelCard.from_dict(unsmoothed))[0].probabilities["present"] > 0.99
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_gaussian_in_threads_gives_scipys_numbers(threads):
+    from scipy import ndimage
+
+    volume = np.random.default_rng(threads).random((23, 17, 30), dtype=np.float32)
+    sigma = [0.8, 2.5, 1.7]  # anisotropic, as on a resampled grid of another spacing
+    expected = ndimage.gaussian_filter(volume, sigma=sigma, mode="nearest", truncate=3.0)
+    got = gaussian_in_threads(volume.copy(), sigma, threads=threads)
+    np.testing.assert_array_equal(got, expected)

@@ -171,7 +171,10 @@ def test_network_grid_is_monai_spacingd_grid():
 
 @pytest.mark.parametrize("rotated", [False, True])
 def test_resample_in_parallel_slabs_equals_one_pass(monkeypatch, rotated):
-    """Large outputs are sampled in slabs on several threads; the result is the single-pass one, voxel by voxel."""
+    """Large outputs are sampled in slabs on several threads; the result is scipy's single pass, voxel by voxel.
+
+    A rotated grid goes to scipy in slabs; an axis-aligned one takes the separable path (no scipy call).
+    """
     from scipy import ndimage
 
     from medautolabel import preprocess as pre
@@ -187,10 +190,44 @@ def test_resample_in_parallel_slabs_equals_one_pass(monkeypatch, rotated):
     real = ndimage.affine_transform
     monkeypatch.setattr(pre.ndimage, "affine_transform", lambda *a, **k: calls.append(k["output"].shape) or real(*a, **k))
     slabs = pre.resample(src, src_m, dst_shape, dst_m)
-    assert sorted(c[0] for c in calls) == [50, 50, 50]
+    assert sorted(c[0] for c in calls) == ([50, 50, 50] if rotated else [])
     monkeypatch.undo()
     m = np.linalg.inv(src_m) @ dst_m
     one = np.empty(dst_shape, np.float32)
     ndimage.affine_transform(src, m[:3, :3][::-1, ::-1], offset=m[:3, 3][::-1], output=one, order=1, mode="nearest",
                              prefilter=False)
     np.testing.assert_allclose(slabs, one, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_separable_linear_equals_scipy_on_flipped_permuted_shifted_grids(monkeypatch, threads):
+    """Flips, axis permutation, scales both ways, targets beyond the edges (clamped) and a one-voxel axis."""
+    from scipy import ndimage
+
+    from medautolabel import preprocess as pre
+
+    monkeypatch.setattr(pre, "_threads", lambda: threads)
+    rng = np.random.default_rng(threads)
+    src = rng.integers(-1000, 2000, size=(9, 1, 23)).astype(np.int16)  # HU as read, one row in j
+    src_m = np.array([[0, 0, -0.7, 5.0], [0.9, 0, 0, -3.0], [0, 2.5, 0, 1.0], [0, 0, 0, 1.0]])  # permuted, flipped
+    dst_m = np.diag([0.8, 0.8, 0.8, 1.0])
+    dst_m[:3, 3] = [-12.0, -4.0, -2.0]  # starts outside the source on every side
+    dst_shape = (40, 6, 12)
+    got = pre.resample(src, src_m, dst_shape, dst_m)
+    m = np.linalg.inv(src_m) @ dst_m
+    expected = np.empty(dst_shape, np.float32)
+    ndimage.affine_transform(src.astype(np.float64), m[:3, :3][::-1, ::-1], offset=m[:3, 3][::-1], output=expected,
+                             order=1, mode="nearest", prefilter=False)
+    assert got.dtype == np.float32 and got.shape == dst_shape
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-3)  # |HU| <= 2000: float32 rounding
+
+
+def test_resampling_onto_whole_voxel_positions_copies_exactly():
+    """Same grid, or one shifted by whole voxels: the voxels themselves (softmax ties must stay ties)."""
+    rng = np.random.default_rng(5)
+    values = rng.random((7, 8, 9), dtype=np.float32)
+    shape, m = grid("flipped-anisotropic")
+    assert np.array_equal(resample(values, m, values.shape, m), values)
+    shifted = m.copy()
+    shifted[:3, 3] += m[:3, :3] @ np.array([2.0, 1.0, 3.0])  # i + 2, j + 1, k + 3
+    np.testing.assert_array_equal(resample(values, m, (4, 7, 7), shifted), values[3:, 1:, 2:])

@@ -199,9 +199,10 @@ def resample(src: np.ndarray, src_ijk_to_ras: np.ndarray, dst_shape: Sequence[in
              dst_ijk_to_ras: np.ndarray, order: int = 1, output: Optional[np.ndarray] = None) -> np.ndarray:
     """Sample a (k, j, i) array onto another grid (float32; linear for order=1; edges clamped).
 
-    Works for any pair of matrices; when they differ only by axis permutation/flip/scale (as
-    between the input and the network grid) the source is viewed in matching axis order so that
-    scipy's fast separable zoom/shift path does the work.
+    Works for any pair of matrices (scipy's ``affine_transform``). When they differ only by axis
+    permutation/flip/scale/shift (as between the input and the network grid), the source is viewed
+    in matching axis order and linear sampling runs as one 1-D interpolation per axis
+    (``_separable_linear``): the same values to float32 rounding, at a third of scipy's cost.
     """
     # dst (i,j,k) -> src (i,j,k), then both in (k,j,i) index order
     m = np.linalg.inv(np.asarray(src_ijk_to_ras, dtype=np.float64)) @ np.asarray(dst_ijk_to_ras, dtype=np.float64)
@@ -217,6 +218,8 @@ def resample(src: np.ndarray, src_ijk_to_ras: np.ndarray, dst_shape: Sequence[in
         matrix, offset = a, b
     if output is None:
         output = np.empty(tuple(int(x) for x in dst_shape), dtype=np.float32)
+    if matrix.ndim == 1 and order == 1:
+        return _separable_linear(src, matrix, offset, output)
     # scipy releases the GIL: slabs of the output along its first axis are sampled in parallel
     column = matrix[0] if matrix.ndim == 1 else matrix[:, 0]
     slabs = np.array_split(np.arange(output.shape[0]), min(_threads(), max(1, output.size // 2_000_000)))
@@ -236,6 +239,55 @@ def resample(src: np.ndarray, src_ijk_to_ras: np.ndarray, dst_shape: Sequence[in
         with ThreadPoolExecutor(len(slabs)) as pool:
             list(pool.map(sample, slabs))
     return output
+
+
+def _separable_linear(src: np.ndarray, scale: np.ndarray, offset: np.ndarray, output: np.ndarray) -> np.ndarray:
+    """``output[x] = src(scale * x + offset)``, linear, edges clamped: one 1-D pass per axis, in threads.
+
+    Written by hand because scipy's ``affine_transform`` (even on its zoom/shift path) and
+    SimpleITK's ``Resample`` evaluate 8-neighbour interpolation per output voxel; the separable
+    form gives the same values (to float32 rounding) at a third of the CPU time for a CT. Axes
+    that shrink go first, so the intermediate volumes stay small.
+    """
+    out = src
+    axes = sorted(range(3), key=lambda a: output.shape[a] / max(1, src.shape[a]))
+    for n, axis in enumerate(axes):
+        out = _lerp_axis(out, axis, float(scale[axis]), float(offset[axis]), output.shape[axis],
+                         output if n == len(axes) - 1 else None)
+    return output
+
+
+def _lerp_axis(a: np.ndarray, axis: int, scale: float, offset: float, size: int,
+               output: Optional[np.ndarray]) -> np.ndarray:
+    """Linear interpolation of ``a`` along ``axis`` at ``offset + scale * arange(size)`` (clamped)."""
+    last = a.shape[axis] - 1
+    pos = np.clip(offset + scale * np.arange(size, dtype=np.float64), 0.0, last)
+    lo_index = np.floor(pos).astype(np.intp)  # weight 0 at whole positions: those voxels are copied exactly
+    hi_index = np.minimum(lo_index + 1, last)
+    weight = (pos - lo_index).astype(np.float32).reshape([-1 if d == axis else 1 for d in range(a.ndim)])
+    shape = list(a.shape)
+    shape[axis] = size
+    result = output if output is not None else np.empty(shape, np.float32)
+    cut = 1 if axis == 0 else 0  # slabs along another axis are independent
+
+    def run(rows: np.ndarray) -> None:
+        if rows.size:
+            part = (slice(None),) * cut + (slice(int(rows[0]), int(rows[-1]) + 1),)
+            lo = np.take(a[part], lo_index, axis=axis).astype(np.float32, copy=False)
+            hi = np.take(a[part], hi_index, axis=axis).astype(np.float32, copy=False)
+            np.subtract(hi, lo, out=hi)
+            hi *= weight
+            np.add(lo, hi, out=result[part])
+
+    slabs = np.array_split(np.arange(result.shape[cut]), min(_threads(), max(1, result.size // 2_000_000)))
+    if len(slabs) == 1:
+        run(slabs[0])
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(slabs)) as pool:
+            list(pool.map(run, slabs))
+    return result
 
 
 def _threads() -> int:
