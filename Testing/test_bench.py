@@ -38,7 +38,8 @@ def test_report_gives_medians_ranges_and_ratios():
     assert "Vessel 1234" in text and "bfloat16" in text and "512x512x120" in text
     assert "training job was running" not in text
     target = next(line for line in text.splitlines() if line.startswith("- toy (UNet): speed-up"))
-    assert target == ("- toy (UNet): speed-up 2.50x (target 2.5x: met); peak RSS 0.25x (target 0.5x: met); lowest "
+    assert target == ("- toy (UNet): speed-up 2.50x (target 2.5x: met; with no cost but medautolabel's sliding "
+                      "window it would be 5.00x); peak RSS 0.25x (target 0.5x: met); lowest "
                       "label Dice in the body 0.991 (target 0.99: met); end-to-end / network 2.00 (target 1.3: "
                       "**not met**).")
     assert "training job was running" in report([fake_result()], training_running=True)

@@ -283,12 +283,15 @@ def target_line(r: Dict[str, Any]) -> str:
     speed = float(np.median(ta) / np.median(tb))
     rss = max(x["peak_rss_mb"] for x in r["runs"]["medautolabel"]) / max(x["peak_rss_mb"] for x in r["runs"]["monai"])
     dice = min(r["dice_body"].values())
-    e2e = float(np.median(tb)) / r["our_stages_s"].get("inference", float("nan"))
 
     def mark(ok: bool) -> str:
         return "met" if ok else "**not met**"
 
-    return (f"- {r['case']}: speed-up {speed:.2f}x (target 2.5x: {mark(speed >= 2.5)}); peak RSS {rss:.2f}x "
+    network = r["our_stages_s"].get("inference", float("nan"))
+    e2e = float(np.median(tb)) / network
+    bound = float(np.median(ta)) / network  # the speed-up medautolabel would reach with no fixed costs at all
+    return (f"- {r['case']}: speed-up {speed:.2f}x (target 2.5x: {mark(speed >= 2.5)}; with no cost but medautolabel's "
+            f"sliding window it would be {bound:.2f}x); peak RSS {rss:.2f}x "
             f"(target 0.5x: {mark(rss <= 0.5)}); lowest label Dice in the body {dice:.3f} (target 0.99: "
             f"{mark(dice >= 0.99)}); end-to-end / network {e2e:.2f} (target 1.3: {mark(e2e <= 1.3)}).")
 
