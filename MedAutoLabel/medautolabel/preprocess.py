@@ -202,7 +202,7 @@ def resample(src: np.ndarray, src_ijk_to_ras: np.ndarray, dst_shape: Sequence[in
     Works for any pair of matrices (scipy's ``affine_transform``). When they differ only by axis
     permutation/flip/scale/shift (as between the input and the network grid), the source is viewed
     in matching axis order and linear sampling runs as one 1-D interpolation per axis
-    (``_separable_linear``): the same values to float32 rounding, at a third of scipy's cost.
+    (``_separable_linear``): the same values to float32 rounding, in less time.
     """
     # dst (i,j,k) -> src (i,j,k), then both in (k,j,i) index order
     m = np.linalg.inv(np.asarray(src_ijk_to_ras, dtype=np.float64)) @ np.asarray(dst_ijk_to_ras, dtype=np.float64)
@@ -245,9 +245,10 @@ def _separable_linear(src: np.ndarray, scale: np.ndarray, offset: np.ndarray, ou
     """``output[x] = src(scale * x + offset)``, linear, edges clamped: one 1-D pass per axis, in threads.
 
     Written by hand because scipy's ``affine_transform`` (even on its zoom/shift path) and
-    SimpleITK's ``Resample`` evaluate 8-neighbour interpolation per output voxel; the separable
-    form gives the same values (to float32 rounding) at a third of the CPU time for a CT. Axes
-    that shrink go first, so the intermediate volumes stay small.
+    SimpleITK's ``Resample`` interpolate 8 neighbours per output voxel: onto the benchmark CT's
+    network grid (60 M voxels, 2 cores) they take 2.4 s and 1.8 s on two threads, this 1.2 s on
+    one, with the same values to float32 rounding. Axes that shrink go first, so the
+    intermediate volumes stay small.
     """
     out = src
     axes = sorted(range(3), key=lambda a: output.shape[a] / max(1, src.shape[a]))
