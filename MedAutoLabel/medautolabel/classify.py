@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -10,7 +9,7 @@ import torch
 from scipy import ndimage
 
 from .modelcard import ClassificationTask, ModelCard
-from .preprocess import Prepared
+from .preprocess import Prepared, in_slabs
 from .result import Classification
 
 
@@ -22,16 +21,14 @@ def gaussian_in_threads(volume: np.ndarray, sigma: Sequence[float], threads: Opt
     volume on 2 cores).
     """
     n = max(1, threads or torch.get_num_threads())
-    with ThreadPoolExecutor(n) as pool:
-        for axis in range(volume.ndim):
-            cut = 1 if axis == 0 else 0
+    for axis in range(volume.ndim):
+        cut = 1 if axis == 0 else 0
 
-            def run(rows: np.ndarray, axis: int = axis, cut: int = cut) -> None:
-                if rows.size:
-                    part = volume[(slice(None),) * cut + (slice(int(rows[0]), int(rows[-1]) + 1),)]
-                    ndimage.gaussian_filter1d(part, sigma[axis], axis=axis, output=part, mode="nearest", truncate=3.0)
+        def run(start: int, stop: int, axis: int = axis, cut: int = cut) -> None:
+            part = volume[(slice(None),) * cut + (slice(start, stop),)]
+            ndimage.gaussian_filter1d(part, sigma[axis], axis=axis, output=part, mode="nearest", truncate=3.0)
 
-            list(pool.map(run, np.array_split(np.arange(volume.shape[cut]), n)))
+        in_slabs(run, volume.shape[cut], n)
     return volume
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -222,22 +222,13 @@ def resample(src: np.ndarray, src_ijk_to_ras: np.ndarray, dst_shape: Sequence[in
         return _separable_linear(src, matrix, offset, output)
     # scipy releases the GIL: slabs of the output along its first axis are sampled in parallel
     column = matrix[0] if matrix.ndim == 1 else matrix[:, 0]
-    slabs = np.array_split(np.arange(output.shape[0]), min(_threads(), max(1, output.size // 2_000_000)))
 
-    def sample(rows: np.ndarray) -> None:
-        if rows.size:
-            k0 = int(rows[0])
-            start = np.array(offset, dtype=np.float64) + (np.eye(3)[0] * column if matrix.ndim == 1 else column) * k0
-            ndimage.affine_transform(src, matrix, offset=start, output=output[k0:int(rows[-1]) + 1], order=order,
-                                     mode="nearest", prefilter=False)
+    def sample(k0: int, k1: int) -> None:
+        start = np.array(offset, dtype=np.float64) + (np.eye(3)[0] * column if matrix.ndim == 1 else column) * k0
+        ndimage.affine_transform(src, matrix, offset=start, output=output[k0:k1], order=order, mode="nearest",
+                                 prefilter=False)
 
-    if len(slabs) == 1:
-        sample(slabs[0])
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(len(slabs)) as pool:
-            list(pool.map(sample, slabs))
+    in_slabs(sample, output.shape[0], _slab_count(output.size))
     return output
 
 
@@ -271,24 +262,36 @@ def _lerp_axis(a: np.ndarray, axis: int, scale: float, offset: float, size: int,
     result = output if output is not None else np.empty(shape, np.float32)
     cut = 1 if axis == 0 else 0  # slabs along another axis are independent
 
-    def run(rows: np.ndarray) -> None:
-        if rows.size:
-            part = (slice(None),) * cut + (slice(int(rows[0]), int(rows[-1]) + 1),)
-            lo = np.take(a[part], lo_index, axis=axis).astype(np.float32, copy=False)
-            hi = np.take(a[part], hi_index, axis=axis).astype(np.float32, copy=False)
-            np.subtract(hi, lo, out=hi)
-            hi *= weight
-            np.add(lo, hi, out=result[part])
+    def run(start: int, stop: int) -> None:
+        part = (slice(None),) * cut + (slice(start, stop),)
+        lo = np.take(a[part], lo_index, axis=axis).astype(np.float32, copy=False)
+        hi = np.take(a[part], hi_index, axis=axis).astype(np.float32, copy=False)
+        np.subtract(hi, lo, out=hi)
+        hi *= weight
+        np.add(lo, hi, out=result[part])
 
-    slabs = np.array_split(np.arange(result.shape[cut]), min(_threads(), max(1, result.size // 2_000_000)))
-    if len(slabs) == 1:
-        run(slabs[0])
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(len(slabs)) as pool:
-            list(pool.map(run, slabs))
+    in_slabs(run, result.shape[cut], _slab_count(result.size))
     return result
+
+
+def in_slabs(run: Callable[[int, int], None], rows: int, parts: int) -> None:
+    """Call ``run(start, stop)`` on ``parts`` even slabs of ``range(rows)``, on that many threads if more than one.
+
+    For numpy/scipy work that releases the GIL and writes disjoint slabs of one output.
+    """
+    bounds = [(int(r[0]), int(r[-1]) + 1) for r in np.array_split(np.arange(rows), max(1, parts)) if r.size]
+    if len(bounds) == 1:
+        run(*bounds[0])
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(bounds)) as pool:
+        list(pool.map(lambda b: run(*b), bounds))
+
+
+def _slab_count(voxels: int) -> int:
+    """Threads worth starting for ``voxels`` output voxels: one per 2 M voxels, at most the CPU threads."""
+    return min(_threads(), max(1, voxels // 2_000_000))
 
 
 def _threads() -> int:
