@@ -74,18 +74,21 @@ def test_bfloat16_gives_the_float32_labels():
         assert dice(a == value, b == value) >= 0.99
 
 
-def test_frozen_cpu_graph_gives_the_eager_labels(monkeypatch):
-    """In float32 on the CPU the network runs as a frozen TorchScript graph: the same labels as eager PyTorch."""
+@pytest.mark.parametrize("runtime,name", [("auto", "openvino"), ("torchscript", "torchscript-frozen")])
+def test_compiled_cpu_network_gives_the_eager_labels(monkeypatch, runtime, name):
+    """In float32 on the CPU the network runs compiled (OpenVINO, else frozen TorchScript): eager PyTorch's labels."""
     import medautolabel.inference as inference_module
+    from medautolabel.cpu_graph import RUNTIME_ENV
 
     ph = make_phantom(SEEDS[1])
-    frozen = label_image(ph.image, "vessel-nerve-cta", device="cpu", tta="none", precision="float32")
+    monkeypatch.setenv(RUNTIME_ENV, runtime)
+    compiled = label_image(ph.image, "vessel-nerve-cta", device="cpu", tta="none", precision="float32")
     monkeypatch.setattr(inference_module, "FROZEN_GRAPH_MIN_WINDOWS", 10**9)
     eager = label_image(ph.image, "vessel-nerve-cta", device="cpu", tta="none", precision="float32")
-    assert frozen.provenance["network_runtime"] == "torchscript-frozen"
+    assert compiled.provenance["network_runtime"] == name
     assert eager.provenance["network_runtime"] == "pytorch"
-    assert frozen.provenance["windows"]["computed"] == eager.provenance["windows"]["computed"] >= 8
-    a, b = eager.labelmap.array, frozen.labelmap.array
+    assert compiled.provenance["windows"]["computed"] == eager.provenance["windows"]["computed"] >= 8
+    a, b = eager.labelmap.array, compiled.labelmap.array
     for value in (1, 2):
         assert (a == value).sum() > 300
         assert dice(a == value, b == value) >= 0.999

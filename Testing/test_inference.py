@@ -166,20 +166,45 @@ def test_constant_windows_are_computed_once_and_give_the_same_output(monkeypatch
     assert reusing.windows == (n - stats["windows_reused"]) * passes
 
 
-def test_frozen_cpu_graph_matches_the_eager_network_and_is_reused():
+@pytest.mark.parametrize("runtime,kind", [("torchscript", torch.jit.ScriptModule), ("openvino", None), ("auto", None)])
+def test_compiled_cpu_network_matches_the_eager_network_and_is_reused(monkeypatch, runtime, kind):
     from medautolabel import cpu_graph
+    from medautolabel.openvino_graph import CompiledNetwork
 
+    monkeypatch.setenv(cpu_graph.RUNTIME_ENV, runtime)
     net = _tiny_unet()
     x = _air_with_an_object((40, 40, 40)) + 0.01 * torch.rand(1, 1, 40, 40, 40, generator=torch.Generator().manual_seed(2))
     spec = InferenceSpec((16, 16, 16), 0.25, 1, "gaussian")
     assert window_count(x.shape[2:], (16, 16, 16), 0.25) >= 8
     expected = sliding_window(net, x, spec, CPU)
-    got = sliding_window(net, x, spec, CPU, optimise=True, precision="float32")
-    graph = cpu_graph._graphs[net][(1, 1, 16, 16, 16)]
-    assert isinstance(graph, torch.jit.ScriptModule)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    stats = {}
+    got = sliding_window(net, x, spec, CPU, optimise=True, precision="float32", stats=stats)
+    graph, name = cpu_graph._graphs[net][(1, 1, 16, 16, 16, runtime)]
+    assert isinstance(graph, kind or CompiledNetwork)
+    assert stats["network_runtime"] == name == ("torchscript-frozen" if runtime == "torchscript" else "openvino")
+    # OpenVINO fuses and reorders the arithmetic: equal to a few 1e-4 on these unit-scale outputs
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4 if runtime == "torchscript" else 5e-4)
     assert torch.equal(got.argmax(0), expected.argmax(0))
-    assert cpu_graph.frozen_for_cpu(net, (1, 1, 16, 16, 16)) is graph  # built once
+    assert cpu_graph.frozen_for_cpu(net, (1, 1, 16, 16, 16))[0] is graph  # built once
+
+
+def test_the_pytorch_runtime_runs_the_network_itself(monkeypatch):
+    from medautolabel import cpu_graph
+
+    monkeypatch.setenv(cpu_graph.RUNTIME_ENV, "pytorch")
+    net = _tiny_unet()
+    assert cpu_graph.frozen_for_cpu(net, (1, 1, 16, 16, 16)) == (net, "pytorch")
+
+
+def test_a_disagreeing_openvino_model_gives_way_to_torchscript(monkeypatch, tmp_path):
+    from medautolabel import cpu_graph, openvino_graph
+
+    monkeypatch.setenv(openvino_graph.CACHE_ENV, str(tmp_path))  # an empty cache: the model is built and checked
+    monkeypatch.setattr(openvino_graph, "RELATIVE_TOLERANCE", -1.0)  # nothing agrees
+    net = _tiny_unet()
+    runner, name = cpu_graph.frozen_for_cpu(net, (1, 1, 16, 16, 16))
+    assert name == "torchscript-frozen" and isinstance(runner, torch.jit.ScriptModule)
+    assert not list((openvino_graph.cache_root() / "openvino").glob(openvino_graph.network_key(net, (1, 1, 16, 16, 16))))
 
 
 def test_a_network_that_cannot_be_traced_runs_eagerly():
@@ -191,4 +216,4 @@ def test_a_network_that_cannot_be_traced_runs_eagerly():
 
     net = DictOut()
     assert cpu_graph.build_graph(net, (1, 1, 8, 8, 8)) is None
-    assert cpu_graph.frozen_for_cpu(net, (1, 1, 8, 8, 8)) is net
+    assert cpu_graph.frozen_for_cpu(net, (1, 1, 8, 8, 8)) == (net, "pytorch")

@@ -22,6 +22,7 @@ REQUIRED: Dict[str, str] = {
     "tqdm": "tqdm>=4.60",
     "scipy": "scipy>=1.10",
     "PIL": "Pillow>=9.0",
+    "openvino": "openvino>=2024.0",
 }
 SHIPPED_WITH_SLICER = ("numpy", "SimpleITK", "requests", "vtk", "slicer")
 INDEX_HOST = ("pypi.org", 443)

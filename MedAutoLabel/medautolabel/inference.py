@@ -63,9 +63,10 @@ def sliding_window(network: torch.nn.Module, tensor: torch.Tensor, spec: Inferen
     fraction of window batches done, ending at 1.0.
     ``optimise`` (for real networks, not for modules with side effects): windows that are constant in
     every channel (air, padding) are computed once per constant and reused, which gives exactly
-    the same output; in float32 on the CPU the network runs as a frozen TorchScript graph
-    (cpu_graph.py) when there are enough windows to pay for building it. ``stats`` (a dict) gets
-    ``network_runtime`` ("torchscript-frozen" or "pytorch"), ``windows`` and ``windows_reused``.
+    the same output; in float32 on the CPU the network runs compiled (cpu_graph.py: OpenVINO or a
+    frozen TorchScript graph) when there are enough windows to pay for building it. ``stats`` (a
+    dict) gets ``network_runtime`` ("openvino", "torchscript-frozen" or "pytorch"), ``windows`` and
+    ``windows_reused``.
     """
     from monai.inferers import sliding_window_inference
 
@@ -76,11 +77,11 @@ def sliding_window(network: torch.nn.Module, tensor: torch.Tensor, spec: Inferen
     done = [0]
 
     flips = tta_flips(spec.tta)
-    run = network
+    run, runtime = network, "pytorch"
     if optimise and device.type == "cpu" and precision in (None, "float32") and windows_total >= FROZEN_GRAPH_MIN_WINDOWS:
         from .cpu_graph import frozen_for_cpu
 
-        run = frozen_for_cpu(network, (batch, int(tensor.shape[1]), *roi))
+        run, runtime = frozen_for_cpu(network, (batch, int(tensor.shape[1]), *roi))
     constant_outputs: Dict[Tuple[float, ...], torch.Tensor] = {}
     reused = [0]
 
@@ -126,7 +127,7 @@ def sliding_window(network: torch.nn.Module, tensor: torch.Tensor, spec: Inferen
             tensor, roi, batch, predictor, overlap=spec.overlap, mode=spec.blend,
             sw_device=device, device=output_device or device)
     if stats is not None:
-        stats.update(network_runtime="pytorch" if run is network else "torchscript-frozen", windows=windows_total,
+        stats.update(network_runtime=runtime, windows=windows_total,
                      windows_reused=reused[0])
     return out[0].float()
 
