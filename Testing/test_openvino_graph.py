@@ -91,3 +91,48 @@ def test_a_network_openvino_cannot_take_gives_none(cache):
 
     assert openvino_graph.compiled_for_cpu(DictOut(), SHAPE, threads=1) is None
     assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_an_unwritable_cache_still_gives_the_compiled_network(tmp_path, monkeypatch):
+    blocker = tmp_path / "file-not-folder"
+    blocker.write_text("", "utf-8")
+    monkeypatch.setenv(openvino_graph.CACHE_ENV, str(blocker))  # <cache>/openvino cannot be created
+    net = _net()
+    compiled = openvino_graph.compiled_for_cpu(net, SHAPE, threads=1)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(_window(9)), net(_window(9)), rtol=0, atol=1e-4)
+    assert blocker.is_file() and not list(tmp_path.glob(".~medautolabel-*"))
+
+
+TELEMETRY_PROBE = r"""
+import os, socket, sys
+attempts = []
+real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
+socket.getaddrinfo = lambda *a, **k: attempts.append(a[:2]) or real_getaddrinfo(*a, **k)
+socket.socket.connect = lambda self, address, *a: attempts.append(address) or real_connect(self, address, *a)
+import torch
+from monai.networks.nets import UNet
+from medautolabel import openvino_graph
+torch.manual_seed(0)
+net = UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8), strides=(2,), num_res_units=1).eval()
+compiled = openvino_graph.compiled_for_cpu(net, (1, 1, 16, 16, 16), threads=1)
+print(compiled is not None, openvino_graph.telemetry_is_off(), attempts, os.path.exists(os.path.expanduser("~/intel")))
+"""
+
+
+def test_converting_sends_no_telemetry_and_leaves_nothing_in_home(tmp_path):
+    """Plain ``import openvino`` writes ~/intel/openvino_ga_cid and queues Google Analytics events; ours must not."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    home = tmp_path / "home"
+    home.mkdir()
+    package_root = str(Path(openvino_graph.__file__).resolve().parent.parent)
+    env = dict(os.environ, HOME=str(home), MEDAUTOLABEL_CACHE=str(tmp_path / "cache"),
+               PYTHONPATH=package_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", TELEMETRY_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # compiled; the stub in place; no name looked up, no connection opened; no ~/intel (client id, stats)
+    assert out.stdout.strip().splitlines()[-1] == "True True [] False"

@@ -7,8 +7,15 @@ a network costs about 2 s (tracing and conversion), so the converted model is ke
 folder (``MEDAUTOLABEL_CACHE``, default ``~/.cache/medautolabel``) under a key made of the
 network's class, structure, weights and window shape and the torch, MONAI and OpenVINO versions:
 a later run reads it in about 0.1 s. A model is checked against the eager network on one random
-window when it is built (RELATIVE_TOLERANCE) and not cached when they disagree. The cache holds weights only, never
-image data.
+window when it is built (RELATIVE_TOLERANCE) and not cached when they disagree. The cache holds
+weights only, never image data.
+
+OpenVINO's Python package sends usage events to Google Analytics when it is imported and when it
+converts a model, unless a consent file in the user's home says no (openvino_telemetry, opt-out).
+MedAutoLabel promises to work offline and to send nothing: ``import_openvino`` makes
+``openvino_telemetry`` unimportable before OpenVINO's first import in the process, so OpenVINO
+falls back to its own no-op stub; if OpenVINO was imported earlier by someone else with telemetry
+live, networks are not converted here (cached models, which need only the runtime, are still used).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import warnings
@@ -38,9 +46,27 @@ RELATIVE_TOLERANCE = 1e-3
 Shape = Tuple[int, ...]
 
 
+def import_openvino():
+    """``openvino``, imported with its usage telemetry replaced by OpenVINO's own no-op stub (see above)."""
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)  # None in sys.modules: "import" raises ImportError
+    import openvino
+
+    return openvino
+
+
+def telemetry_is_off() -> bool:
+    """True when OpenVINO's conversion tools in this process use the no-op telemetry stub."""
+    try:
+        from openvino.tools.ovc import telemetry_utils
+    except Exception:  # noqa: BLE001 - no conversion tools at all: nothing to send with
+        return True
+    return getattr(telemetry_utils, "tm", None) is None or telemetry_utils.tm.__name__.endswith("telemetry_stub")
+
+
 def available() -> bool:
     try:
-        import openvino  # noqa: F401
+        import_openvino()
     except Exception:  # noqa: BLE001 - not installed, or a broken install: both mean "not available"
         return False
     return True
@@ -71,7 +97,9 @@ def network_key(network: torch.nn.Module, shape: Shape) -> str:
 
 
 def _convert(network: torch.nn.Module, example: torch.Tensor):
-    import openvino as ov
+    ov = import_openvino()
+    if not telemetry_is_off():
+        raise RuntimeError("OpenVINO was imported with its telemetry on; not converting here")
 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings
@@ -80,7 +108,7 @@ def _convert(network: torch.nn.Module, example: torch.Tensor):
 
 
 def _compile(model, threads: int):
-    import openvino as ov
+    ov = import_openvino()
 
     # f32: never bf16/f16 where the CPU has them; denormals flushed to zero (3-4 % faster, measured;
     # values below 1e-38 cannot move a label)
@@ -115,18 +143,23 @@ def _agrees(got: torch.Tensor, expected: torch.Tensor) -> bool:
 
 
 def _save(model, folder: Path) -> None:
-    """Write ``model`` as ``folder``/model.xml + .bin, all or nothing (a temporary folder renamed)."""
-    import openvino as ov
+    """Write ``model`` as ``folder``/model.xml + .bin, all or nothing (a temporary folder renamed).
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".~medautolabel-", dir=str(folder.parent)))
+    A cache that cannot be written (read-only home, full disk, another process first) is not an
+    error: the compiled network is used all the same, and the next run converts it again.
+    """
+    ov = import_openvino()
+    tmp: Optional[Path] = None
     try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".~medautolabel-", dir=str(folder.parent)))
         ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
         os.replace(tmp, folder)
-    except OSError as e:  # another process cached it first, or the cache is not writable: run without caching
+    except (OSError, RuntimeError) as e:  # RuntimeError: OpenVINO's own write errors
         log.debug("OpenVINO model not cached in %s: %s", folder, e)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def compiled_for_cpu(network: torch.nn.Module, shape: Shape,
@@ -137,7 +170,7 @@ def compiled_for_cpu(network: torch.nn.Module, shape: Shape,
     """
     if not available():
         return None
-    import openvino as ov
+    ov = import_openvino()
 
     threads = threads or torch.get_num_threads()
     folder = cache_root() / "openvino" / network_key(network, shape)
