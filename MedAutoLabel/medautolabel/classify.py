@@ -9,7 +9,7 @@ import torch
 from scipy import ndimage
 
 from .modelcard import ClassificationTask, ModelCard
-from .preprocess import Prepared, in_slabs
+from .preprocess import Prepared, _threads, in_slabs
 from .result import Classification
 
 
@@ -20,7 +20,7 @@ def gaussian_in_threads(volume: np.ndarray, sigma: Sequence[float], threads: Opt
     independent, and scipy releases the GIL while it filters (1.5 s instead of 2.3 s for a CT-sized
     volume on 2 cores).
     """
-    n = max(1, threads or torch.get_num_threads())
+    n = max(1, threads or _threads())
     for axis in range(volume.ndim):
         cut = 1 if axis == 0 else 0
 

@@ -34,6 +34,8 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 import torch
 
+from .atomic import TEMP_PREFIX
+
 log = logging.getLogger("medautolabel")
 
 CACHE_ENV = "MEDAUTOLABEL_CACHE"
@@ -152,7 +154,7 @@ def _save(model, folder: Path) -> None:
     tmp: Optional[Path] = None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".~medautolabel-", dir=str(folder.parent)))
+        tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, suffix="-" + folder.name, dir=str(folder.parent)))
         ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
         os.replace(tmp, folder)
     except (OSError, RuntimeError) as e:  # RuntimeError: OpenVINO's own write errors
