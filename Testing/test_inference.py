@@ -7,7 +7,7 @@ import torch
 
 from medautolabel.device import DeviceError, autocast, is_out_of_memory, select_device
 from medautolabel.errors import Cancelled
-from medautolabel.inference import infer, sliding_window, window_count
+from medautolabel.inference import constant_value, infer, sliding_window, window_count
 from medautolabel.modelcard import InferenceSpec
 
 torch.set_num_threads(1)
@@ -217,3 +217,11 @@ def test_a_network_that_cannot_be_traced_runs_eagerly():
     net = DictOut()
     assert cpu_graph.build_graph(net, (1, 1, 8, 8, 8)) is None
     assert cpu_graph.frozen_for_cpu(net, (1, 1, 8, 8, 8)) == (net, "pytorch")
+
+
+def test_constant_value_names_the_per_channel_constant_or_none():
+    window = torch.full((2, 4, 5, 6), -1.0)
+    window[1] = 0.25
+    assert constant_value(window) == (-1.0, 0.25)
+    window[1, 3, 4, 5] = 0.5  # one voxel of one channel differs
+    assert constant_value(window) is None

@@ -68,4 +68,7 @@ if __name__ == "__main__":
     here = Path(__file__).resolve().parent.parent  # the module folder: holds medautolabel/ and MedAutoLabelLib/
     if str(here) not in sys.path:
         sys.path.insert(0, str(here))
+    from medautolabel.monai_import import import_lean
+
+    import_lean()  # this process is medautolabel's own: MONAI without the packages it never uses here
     serve()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -91,13 +92,18 @@ def _read_file(p: Path, image_io: str, fmt: str) -> Image:
             raise InputError(_header_problem(str(e), fmt), p) from None
         _check_3d_scalar(reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(),
                          reader.GetPixelID(), p)
-        if fmt == "NIfTI":
-            _check_nifti_complete(p)  # ITK pads a short NIfTI with zeros instead of failing
-        try:
-            img = reader.Execute()
-        except RuntimeError:
-            raise InputError(f"the {fmt} file is truncated or corrupt: its voxel data cannot be read",
-                             p) from None
+        # ITK pads a short NIfTI with zeros instead of failing: the file is also decompressed on a
+        # second thread to count its bytes, while ITK reads it (0.6 s instead of 0.9 s for a CT)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medautolabel-check") as pool:
+            complete = pool.submit(_check_nifti_complete, p) if fmt == "NIfTI" else None
+            try:
+                img = reader.Execute()
+            except RuntimeError:
+                raise InputError(f"the {fmt} file is truncated or corrupt: its voxel data cannot be read",
+                                 p) from None
+            finally:
+                if complete is not None:
+                    complete.result()  # InputError if the file is short
     if img.GetDimension() == 4:  # (x, y, z, 1): a 3D volume stored as 4D
         img = sitk.Extract(img, list(img.GetSize()[:3]) + [0], [0, 0, 0, 0])
     return _to_image(img, p, {"source_name": p.name, "format": fmt, "modality": None})

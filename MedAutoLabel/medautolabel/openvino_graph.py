@@ -34,6 +34,7 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 import torch
 
+from . import graph_rewrites
 from .atomic import TEMP_PREFIX
 
 log = logging.getLogger("medautolabel")
@@ -89,6 +90,7 @@ def network_key(network: torch.nn.Module, shape: Shape) -> str:
             h.update(f"{dist}={metadata.version(dist)};".encode())
         except metadata.PackageNotFoundError:
             h.update(f"{dist}=none;".encode())
+    h.update(f"rewrites={graph_rewrites.VERSION};".encode())
     cls = type(network)
     h.update(f"{cls.__module__}.{cls.__qualname__};{repr(network)};{tuple(shape)};".encode())
     for name, tensor in network.state_dict().items():
@@ -105,7 +107,7 @@ def _convert(network: torch.nn.Module, example: torch.Tensor):
 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings
-        traced = torch.jit.trace(network.eval(), example, check_trace=False)
+        traced = torch.jit.trace(graph_rewrites.for_openvino(network.eval()), example, check_trace=False)
         return ov.convert_model(traced, example_input=example)
 
 
