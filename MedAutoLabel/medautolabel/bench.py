@@ -247,6 +247,10 @@ def report(results: List[Dict[str, Any]], training_running: bool, shape_kji=CT_S
               "touch that box are computed (`preprocess.window_aligned_box`), so inside the body the blended output is "
               "the one a sliding window over the whole image gives.",
               precision_note(results),
+              "- **MONAI imported lean**: `medautolabel` imports MONAI with ignite, scipy.signal and matplotlib "
+              "hidden, which MONAI's `__init__` otherwise loads through `optional_import` and labelling never uses "
+              "(`monai_import.py`): 1.7 s instead of 5.1 s on this machine. MONAI's runner needs ignite (its "
+              "evaluator is an ignite engine) and imports everything.",
               "- **Air windows once**: a window that is constant in every channel (air, padding) is computed once per "
               "constant and its output reused: exactly the same numbers (`inference.constant_value`).",
               "- **No full-size inverse transform**: probabilities of the kept windows are resampled one channel at a "
@@ -258,15 +262,15 @@ def report(results: List[Dict[str, Any]], training_running: bool, shape_kji=CT_S
               "of 8-neighbour interpolation per voxel (scipy, SimpleITK, MONAI's grid sampling).",
               "- **Memory**: the input is cropped before it is resampled; MONAI holds the whole resampled image, "
               "its full-size output and Invertd's copies at once.",
-              "- Fixed costs that remain in medautolabel (stage times below): importing torch and MONAI and building "
-              "the network (`load_model`), reading the image and writing the outputs (the process time outside "
-              "`total`), resampling in (`preprocess`) and out (`postprocess`), the aneurysm evidence smoothing "
-              "(`classify`, a separable Gaussian in threads). They are why end-to-end stays above the network-only "
-              "time on one image per process; `medautolabel label` on many files, `batch` and the Slicer worker "
-              "pay the imports once.",
+              "- Fixed costs that remain in medautolabel (stage times below): importing torch and MONAI, reading the "
+              "image and writing the outputs (the process time outside `total`), building the network and reading "
+              "its compiled form from the cache (`load_model`), resampling in (`preprocess`) and out "
+              "(`postprocess`), the aneurysm evidence smoothing (`classify`, a separable Gaussian in threads). "
+              "They are why end-to-end stays above the network-only time on one image per process; "
+              "`medautolabel label` on many files, `batch` and the Slicer worker pay the imports once.",
               "- **What bounds the speed-up**: the network. Per 96³ window the built-in UNet takes about 0.39 s "
               "eagerly in float32 on this 2-core CPU (MONAI's runner), 0.27 s as a frozen TorchScript graph and "
-              "0.22 s compiled by OpenVINO (SegResNet-8: about 1.0 s, 0.79 s, 0.62 s); the cropped grid still "
+              "0.22-0.24 s compiled by OpenVINO (SegResNet-8: about 1.0 s, 0.79 s, 0.59 s); the cropped grid still "
               "holds 201 of the whole grid's 245 windows, because a body CT's field of view is mostly body. The "
               "network is most of either tool's time (over three quarters of medautolabel's), so these factors "
               "bound the speed-up on such an input.",
@@ -312,7 +316,9 @@ def precision_note(results: List[Dict[str, Any]]) -> str:
                 "float32; windows are blended in float32.")
     if "openvino" in runtimes:
         return ("- **The network compiled by OpenVINO** (float32; this CPU has no native bfloat16; `openvino_graph.py`): "
-                "each convolution fused with the normalisation and activation after it, weights pre-packed once. "
+                "each convolution fused with the normalisation and activation after it, weights pre-packed once; "
+                "GroupNorm layers are converted as per-channel reductions (`graph_rewrites.py`), which keep the "
+                "convolutions' blocked memory layout where OpenVINO's own GroupNorm reorders every activation twice. "
                 "Converting it takes about 2 s; the converted model is cached on disk by the network's structure, "
                 "weights and window shape, so medautolabel's first repetition of each case converts and caches it "
                 "and the later ones read it (an empty cache at the start of each case). Outputs equal eager "
