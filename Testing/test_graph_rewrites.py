@@ -76,3 +76,26 @@ def test_the_rewrite_version_is_part_of_the_cache_key(monkeypatch):
     before = openvino_graph.network_key(net, shape)
     monkeypatch.setattr(graph_rewrites, "VERSION", graph_rewrites.VERSION + "-changed")
     assert openvino_graph.network_key(net, shape) != before
+
+
+@pytest.mark.skipif(not openvino_graph.available(), reason="OpenVINO is not installed")
+@pytest.mark.parametrize("layer,spatial,rewritten", [
+    (torch.nn.ConvTranspose3d(6, 3, 3, stride=2, padding=1, output_padding=1), (5, 6, 7), True),
+    (torch.nn.ConvTranspose2d(5, 4, 3, stride=2, padding=1, output_padding=1), (6, 9), True),
+    (torch.nn.ConvTranspose3d(6, 12, 3, stride=2, padding=1, output_padding=1), (4, 4, 4), False),  # many outputs
+    (torch.nn.ConvTranspose3d(6, 3, 2, stride=2), (4, 5, 6), False),  # another kernel
+])
+def test_small_transposed_convolutions_become_depth_to_space(layer, spatial, rewritten):
+    ov = openvino_graph.import_openvino()
+    torch.manual_seed(4)
+    net = torch.nn.Sequential(layer, torch.nn.ReLU()).eval()
+    x = torch.randn((1, layer.in_channels) + spatial, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        model = ov.convert_model(torch.jit.trace(net, x), example_input=x)
+        expected = net(x)
+    graph_rewrites.rewrite_openvino_model(model)
+    types = {op.get_type_name() for op in model.get_ordered_ops()}
+    assert ("DepthToSpace" in types) is rewritten
+    assert ("ConvolutionBackpropData" in types) is not rewritten
+    got = ov.Core().compile_model(model, "CPU").create_infer_request().infer({0: x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), expected, rtol=0, atol=1e-5)
