@@ -270,7 +270,7 @@ def report(results: List[Dict[str, Any]], training_running: bool, shape_kji=CT_S
               "`medautolabel label` on many files, `batch` and the Slicer worker pay the imports once.",
               "- **What bounds the speed-up**: the network. Per 96³ window the built-in UNet takes about 0.39 s "
               "eagerly in float32 on this 2-core CPU (MONAI's runner), 0.27 s as a frozen TorchScript graph and "
-              "0.22-0.24 s compiled by OpenVINO (SegResNet-8: about 1.0 s, 0.79 s, 0.59 s); the cropped grid still "
+              "0.22 s compiled by OpenVINO (SegResNet-8: about 1.0 s, 0.79 s, 0.57 s); the cropped grid still "
               "holds 201 of the whole grid's 245 windows, because a body CT's field of view is mostly body. The "
               "network is most of either tool's time (over three quarters of medautolabel's), so these factors "
               "bound the speed-up on such an input.",
@@ -317,8 +317,10 @@ def precision_note(results: List[Dict[str, Any]]) -> str:
     if "openvino" in runtimes:
         return ("- **The network compiled by OpenVINO** (float32; this CPU has no native bfloat16; `openvino_graph.py`): "
                 "each convolution fused with the normalisation and activation after it, weights pre-packed once; "
-                "GroupNorm layers are converted as per-channel reductions (`graph_rewrites.py`), which keep the "
-                "convolutions' blocked memory layout where OpenVINO's own GroupNorm reorders every activation twice. "
+                "converted for the window's static shape; GroupNorm layers as per-channel reductions, which keep the "
+                "convolutions' blocked memory layout where OpenVINO's own GroupNorm reorders every activation twice, "
+                "and the UNet's last transposed convolution (few output channels) as a convolution + DepthToSpace "
+                "(`graph_rewrites.py`). "
                 "Converting it takes about 2 s; the converted model is cached on disk by the network's structure, "
                 "weights and window shape, so medautolabel's first repetition of each case converts and caches it "
                 "and the later ones read it (an empty cache at the start of each case). Outputs equal eager "
