@@ -16,7 +16,7 @@ from . import __version__
 from .errors import MedAutoLabelError
 
 # Commands that use MONAI: their process imports it without the optional packages it never needs
-# (monai_import.py; 3.4 s of a 6.8 s start on a 2-core CPU).
+# (monai_import.py; 3.4 s of a 7.4 s start on a 2-core CPU).
 MONAI_COMMANDS = frozenset({"label", "demo", "batch", "train", "evaluate"})
 
 # Modules that add their own sub-command with ``register(subparsers)``; the parser's ``func(args)``

@@ -36,7 +36,8 @@ _lock = threading.Lock()
 TOLERANCE = 1e-3  # largest |graph - eager| accepted on the check window (network outputs are logits)
 
 
-def _first(out):
+def first_output(out):
+    """The main output of a network that may return several heads (deep supervision)."""
     return out[0] if isinstance(out, (list, tuple)) else out
 
 
@@ -57,7 +58,7 @@ def build_graph(network: torch.nn.Module, shape: Shape) -> Optional[torch.jit.Sc
             warnings.simplefilter("ignore")  # tracer and TorchScript deprecation warnings
             traced = torch.jit.trace(network.eval(), example, check_trace=False)
             graph = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
-            expected, got = _first(network(example)), _first(graph(example))
+            expected, got = first_output(network(example)), first_output(graph(example))
     except Exception as e:  # noqa: BLE001 - any network the tracer cannot handle simply runs eagerly
         log.debug("no frozen CPU graph for %s: %s", type(network).__name__, e)
         return None

@@ -14,7 +14,9 @@ network like any conversion (openvino_graph.py).
 from __future__ import annotations
 
 import copy
+import itertools
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -86,10 +88,6 @@ SMALL_TRANSPOSED_OUTPUTS = 8
 
 def _phase_weights(w):
     """(C_in, C_out, 3, ...) transposed-convolution weights -> (2^d * C_out, C_in, 2, ...) convolution weights."""
-    import itertools
-
-    import numpy as np
-
     c_in, c_out = w.shape[:2]
     dims = w.ndim - 2
     out = np.zeros((2 ** dims * c_out, c_in) + (2,) * dims, dtype=w.dtype)

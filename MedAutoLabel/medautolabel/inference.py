@@ -7,6 +7,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .cpu_graph import first_output
 from .device import autocast, empty_cache, is_out_of_memory, resolve_precision
 from .errors import Cancelled, MedAutoLabelError
 from .modelcard import InferenceSpec
@@ -88,9 +89,7 @@ def sliding_window(network: torch.nn.Module, tensor: torch.Tensor, spec: Inferen
     def forward(windows: torch.Tensor) -> torch.Tensor:
         fn = run if windows.shape[0] == batch else network  # the graph was traced for full batches
         with autocast(device, precision):
-            out = fn(windows)
-        if isinstance(out, (list, tuple)):  # deep-supervision networks return several heads
-            out = out[0]
+            out = first_output(fn(windows))  # deep-supervision networks return several heads
         return out.float()
 
     def predict(windows: torch.Tensor) -> torch.Tensor:

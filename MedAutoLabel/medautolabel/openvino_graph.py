@@ -7,9 +7,9 @@ layer rewrites of graph_rewrites.py). Converting a network costs about 2 s (trac
 conversion), so the converted model is kept in the cache folder (``MEDAUTOLABEL_CACHE``, default
 ``~/.cache/medautolabel``) under a key made of the network's class, structure, weights and window
 shape, the rewrites' version and the torch, MONAI and OpenVINO versions: a later run reads it in
-about 0.1 s. A model is checked against the eager network on one random
-window when it is built (RELATIVE_TOLERANCE) and not cached when they disagree. The cache holds
-weights only, never image data.
+about 0.1 s. A model is checked against the eager network on one random window when it is built
+(RELATIVE_TOLERANCE) and not cached when they disagree. The cache holds weights only, never image
+data.
 
 OpenVINO's Python package sends usage events to Google Analytics when it is imported and when it
 converts a model, unless a consent file in the user's home says no (openvino_telemetry, opt-out).
@@ -37,6 +37,7 @@ import torch
 
 from . import graph_rewrites
 from .atomic import TEMP_PREFIX
+from .cpu_graph import first_output
 
 log = logging.getLogger("medautolabel")
 
@@ -192,8 +193,7 @@ def compiled_for_cpu(network: torch.nn.Module, shape: Shape,
         model = _convert(network, example)
         compiled = CompiledNetwork(_compile(model, threads), shape)
         with torch.no_grad():
-            expected = network(example)
-        expected = expected[0] if isinstance(expected, (list, tuple)) else expected
+            expected = first_output(network(example))
         agrees = _agrees(compiled(example), expected)
     except Exception as e:  # noqa: BLE001 - any network OpenVINO cannot take runs another way
         log.debug("no OpenVINO model for %s: %s", type(network).__name__, e)
