@@ -160,6 +160,36 @@ def test_python_dash_m_runs_the_command():
     assert run.returncode == 0 and run.stdout.strip() == f"medautolabel {__version__}"
 
 
+def test_the_console_script_freezes_the_collector_before_exiting_with_mains_status(monkeypatch):
+    import gc
+    import tomllib
+    from pathlib import Path
+
+    from medautolabel import cli
+
+    events = []
+    monkeypatch.setattr(cli, "main", lambda: events.append("main") or 2)
+    monkeypatch.setattr(gc, "freeze", lambda: events.append("freeze"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run()
+    assert exit_info.value.code == 2 and events == ["main", "freeze"]
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text("utf-8"))
+    assert project["project"]["scripts"]["medautolabel"] == "medautolabel.cli:run"
+
+
+def test_a_labelling_process_ends_with_complete_files_slicerio_reads(model_dir, scan, tmp_path):
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "medautolabel", "label", str(scan), "-o", str(out), "-q",
+                          "--model", str(model_dir), "--device", "cpu"], capture_output=True, text=True,
+                         timeout=600, check=False)
+    assert run.returncode == 0, run.stderr
+    seg = slicerio.read_segmentation(str(out / "case01.seg.nrrd"))
+    vessel = next(s for s in seg["segments"] if s["name"] == "Vessel")
+    assert int((seg["voxels"] == vessel["labelValue"]).sum()) > 1000
+    tags = json.loads((out / "case01.tags.json").read_text(encoding="utf-8"))
+    assert tags["labelmap_file"] == "case01.seg.nrrd"
+
+
 def test_label_files_reads_the_next_input_while_labelling(model_dir, scan, tmp_path, monkeypatch):
     """Inputs are read on a reader thread, one ahead; a bad one in the middle is still that case's error."""
     import threading

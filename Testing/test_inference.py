@@ -154,10 +154,9 @@ def test_constant_windows_are_computed_once_and_give_the_same_output(monkeypatch
     expected = sliding_window(plain, x, spec, CPU)
     stats = {}
     got = sliding_window(reusing, x, spec, CPU, optimise=True, stats=stats)
-    if batch == 1:
-        assert torch.equal(got, expected)  # the very same computations, reused
-    else:  # a batch of another size may round differently in the last bits
-        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    # the same network computations, reused; blended by cpu_sliding_window.py rather than MONAI's loop
+    # (one fused multiply-add per voxel), and a batch of another size may round differently
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     passes = 1 if tta == "none" else 4
     n = window_count(x.shape[2:], (16, 16, 16), 0.25)
     assert plain.windows == n * passes
@@ -166,15 +165,16 @@ def test_constant_windows_are_computed_once_and_give_the_same_output(monkeypatch
     assert reusing.windows == (n - stats["windows_reused"]) * passes
 
 
-@pytest.mark.parametrize("runtime,kind", [("torchscript", torch.jit.ScriptModule), ("openvino", None), ("auto", None)])
-def test_compiled_cpu_network_matches_the_eager_network_and_is_reused(monkeypatch, runtime, kind):
+@pytest.mark.parametrize("runtime,kind,tta", [("torchscript", torch.jit.ScriptModule, "none"), ("openvino", None, "none"),
+                                              ("auto", None, "none"), ("openvino", None, "flip")])
+def test_compiled_cpu_network_matches_the_eager_network_and_is_reused(monkeypatch, runtime, kind, tta):
     from medautolabel import cpu_graph
     from medautolabel.openvino_graph import CompiledNetwork
 
     monkeypatch.setenv(cpu_graph.RUNTIME_ENV, runtime)
     net = _tiny_unet()
     x = _air_with_an_object((40, 40, 40)) + 0.01 * torch.rand(1, 1, 40, 40, 40, generator=torch.Generator().manual_seed(2))
-    spec = InferenceSpec((16, 16, 16), 0.25, 1, "gaussian")
+    spec = InferenceSpec((16, 16, 16), 0.25, 1, "gaussian", tta)  # "flip": the compiled output buffer is reused
     assert window_count(x.shape[2:], (16, 16, 16), 0.25) >= 8
     expected = sliding_window(net, x, spec, CPU)
     stats = {}
@@ -184,7 +184,8 @@ def test_compiled_cpu_network_matches_the_eager_network_and_is_reused(monkeypatc
     assert stats["network_runtime"] == name == ("torchscript-frozen" if runtime == "torchscript" else "openvino")
     # OpenVINO fuses and reorders the arithmetic: equal to a few 1e-4 on these unit-scale outputs
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4 if runtime == "torchscript" else 5e-4)
-    assert torch.equal(got.argmax(0), expected.argmax(0))
+    if tta == "none":  # averaged flips make near-ties, where the last bits decide
+        assert torch.equal(got.argmax(0), expected.argmax(0))
     assert cpu_graph.frozen_for_cpu(net, (1, 1, 16, 16, 16))[0] is graph  # built once
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import slicerio
@@ -185,6 +187,26 @@ def test_writer_refuses_inconsistent_segments(tmp_path):
     with pytest.raises(ValueError, match="integer"):
         write_seg_nrrd(img.with_array(img.array.astype(np.float32)), SEGMENTS, tmp_path / "c.seg.nrrd")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_extents_and_wider_integer_labelmaps(tmp_path):
+    rng = np.random.default_rng(7)
+    lab = np.zeros((11, 13, 17), np.int16)
+    lab[rng.random(lab.shape) < 0.01] = 1
+    lab[3:5, 7:12, 0:4] = 2
+    img = Image(lab, GRIDS["oblique-anisotropic"].copy())
+    header = seg_nrrd_header(img, SEGMENTS)
+    for n, seg in enumerate(SEGMENTS):
+        k, j, i = np.nonzero(lab == seg.label_value)
+        expected = f"{i.min()} {i.max()} {j.min()} {j.max()} {k.min()} {k.max()}" if k.size else "0 -1 0 -1 0 -1"
+        assert header[f"Segment{n}_Extent"] == expected
+    back, _ = read_seg_nrrd(write_seg_nrrd(img, SEGMENTS, tmp_path / "wide.seg.nrrd"))
+    np.testing.assert_array_equal(back.array, lab)
+    for bad, shown in ((300, "[300]"), (-1, "[-1]"), (3, "[3]")):
+        with pytest.raises(ValueError, match=r"without a segment: " + re.escape(shown)):
+            write_seg_nrrd(img.with_array(np.where(lab == 2, bad, lab).astype(np.int16)), SEGMENTS,
+                           tmp_path / "bad.seg.nrrd")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wide.seg.nrrd"]
 
 
 @pytest.mark.parametrize("content", [b"", b"NRRD0004\ntype: what\n\n", None])

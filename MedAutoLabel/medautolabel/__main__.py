@@ -1,7 +1,5 @@
 """``python -m medautolabel`` runs the ``medautolabel`` command."""
 
-import sys
+from .cli import run
 
-from .cli import main
-
-sys.exit(main())
+run()

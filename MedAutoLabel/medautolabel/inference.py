@@ -18,16 +18,11 @@ WarnFn = Callable[[str], None]
 
 
 def window_count(image_size: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
-    """How many windows MONAI's ``sliding_window_inference`` visits (for progress reporting).
-
-    The scan interval follows monai.inferers.utils._get_scan_interval (private, so restated here);
-    the window enumeration is MONAI's public ``dense_patch_slices``.
-    """
-    from monai.data.utils import dense_patch_slices
+    """How many windows MONAI's ``sliding_window_inference`` visits (for progress reporting)."""
+    from .cpu_sliding_window import window_slices
 
     size = [max(int(s), int(r)) for s, r in zip(image_size, roi_size)]
-    interval = [r if r == s else max(int(r * (1 - overlap)), 1) for s, r in zip(size, roi_size)]
-    return len(dense_patch_slices(size, list(roi_size), interval))
+    return len(window_slices(size, [int(r) for r in roi_size], overlap))
 
 
 def tta_flips(mode: str) -> List[Tuple[int, ...]]:
@@ -65,11 +60,15 @@ def sliding_window(network: torch.nn.Module, tensor: torch.Tensor, spec: Inferen
     ``optimise`` (for real networks, not for modules with side effects): windows that are constant in
     every channel (air, padding) are computed once per constant and reused, which gives exactly
     the same output; in float32 on the CPU the network runs compiled (cpu_graph.py: OpenVINO or a
-    frozen TorchScript graph) when there are enough windows to pay for building it. ``stats`` (a
+    frozen TorchScript graph) when there are enough windows to pay for building it, and the windows
+    are blended by cpu_sliding_window.py (MONAI's windows and weights, one pass per window;
+    elsewhere MONAI's ``sliding_window_inference`` blends them). ``stats`` (a
     dict) gets ``network_runtime`` ("openvino", "torchscript-frozen" or "pytorch"), ``windows`` and
     ``windows_reused``.
     """
     from monai.inferers import sliding_window_inference
+
+    from .cpu_sliding_window import sliding_window_cpu
 
     batch = int(sw_batch_size or spec.sw_batch_size)
     roi = [int(r) for r in spec.roi_size]
@@ -86,16 +85,22 @@ def sliding_window(network: torch.nn.Module, tensor: torch.Tensor, spec: Inferen
     constant_outputs: Dict[Tuple[float, ...], torch.Tensor] = {}
     reused = [0]
 
-    def forward(windows: torch.Tensor) -> torch.Tensor:
+    shared = getattr(run, "shared", None)  # a compiled network's output buffer, valid until its next call
+    fast_blend = optimise and device.type == "cpu" and (output_device is None or output_device.type == "cpu")
+
+    def forward(windows: torch.Tensor, transient: bool = False) -> torch.Tensor:
+        """The network's output for ``windows``; ``transient``: may be a buffer the next call overwrites."""
         fn = run if windows.shape[0] == batch else network  # the graph was traced for full batches
+        if transient and fast_blend and shared is not None and fn is run:
+            return shared(windows)
         with autocast(device, precision):
             out = first_output(fn(windows))  # deep-supervision networks return several heads
         return out.float()
 
     def predict(windows: torch.Tensor) -> torch.Tensor:
-        out = forward(windows)
+        out = forward(windows, transient=not flips)
         for dims in flips:  # test-time augmentation: the mean of the flipped passes, flipped back
-            out += torch.flip(forward(torch.flip(windows, dims)), dims)
+            out += torch.flip(forward(torch.flip(windows, dims), transient=True), dims)
         return out / (1 + len(flips)) if flips else out
 
     def predict_reusing_constant_windows(windows: torch.Tensor) -> torch.Tensor:
@@ -115,16 +120,22 @@ def sliding_window(network: torch.nn.Module, tensor: torch.Tensor, spec: Inferen
     def predictor(windows: torch.Tensor) -> torch.Tensor:
         if cancel is not None and cancel():
             raise Cancelled()
-        out = predict_reusing_constant_windows(windows) if optimise else predict(windows)
+        if optimise:  # MONAI passes a single window as a strided view: copied once here, not in every check
+            out = predict_reusing_constant_windows(windows.contiguous())
+        else:
+            out = predict(windows)
         done[0] += 1
         if progress is not None:
             progress(min(done[0] / total, 1.0))
         return out
 
     with torch.inference_mode():
-        out = sliding_window_inference(
-            tensor, roi, batch, predictor, overlap=spec.overlap, mode=spec.blend,
-            sw_device=device, device=output_device or device)
+        if fast_blend:
+            out = sliding_window_cpu(tensor.float(), roi, batch, predictor, overlap=spec.overlap, mode=spec.blend)
+        else:
+            out = sliding_window_inference(
+                tensor, roi, batch, predictor, overlap=spec.overlap, mode=spec.blend,
+                sw_device=device, device=output_device or device)
     if stats is not None:
         stats.update(network_runtime=runtime, windows=windows_total,
                      windows_reused=reused[0])

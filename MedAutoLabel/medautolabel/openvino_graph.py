@@ -126,21 +126,34 @@ def _compile(model, threads: int):
 
 
 class CompiledNetwork:
-    """Calls an OpenVINO compiled model like the network: (B, C, *roi) float32 tensor -> first output."""
+    """Calls an OpenVINO compiled model like the network: (B, C, *roi) float32 tensor -> first output.
+
+    Each thread has its own infer request (OpenVINO runs several at once), so calls from several
+    threads neither wait for nor overwrite each other.
+    """
 
     def __init__(self, compiled, shape: Shape) -> None:
         self.shape = tuple(shape)
-        self._request = compiled.create_infer_request()
-        self._lock = threading.Lock()  # one request, reused: calls from several threads take turns
+        self._compiled = compiled
+        self._local = threading.local()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def _infer(self, x: torch.Tensor) -> np.ndarray:
         if tuple(x.shape) != self.shape:
             raise ValueError(f"compiled for windows of shape {self.shape}, got {tuple(x.shape)}")
-        data = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-        with self._lock:
-            self._request.infer({0: data})
-            out = np.array(self._request.get_output_tensor(0).data, copy=True)  # the request reuses its buffer
-        return torch.from_numpy(out)
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self._compiled.create_infer_request()
+        data = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)  # no copy when already so
+        # shared: OpenVINO reads ``data`` in place and leaves its output in the request's own buffer
+        request.infer({0: data}, share_inputs=True, share_outputs=True)
+        return request.get_output_tensor(0).data
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.array(self._infer(x), copy=True))
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor:
+        """The output without a copy: the request's buffer, overwritten by this thread's next call."""
+        return torch.from_numpy(self._infer(x))
 
 
 def _agrees(got: torch.Tensor, expected: torch.Tensor) -> bool:
