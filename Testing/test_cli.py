@@ -162,8 +162,9 @@ def test_python_dash_m_runs_the_command():
 
 def test_the_console_script_freezes_the_collector_before_exiting_with_mains_status(monkeypatch):
     import gc
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     from medautolabel import cli
 
