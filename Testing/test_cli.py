@@ -162,9 +162,7 @@ def test_python_dash_m_runs_the_command():
 
 def test_the_console_script_freezes_the_collector_before_exiting_with_mains_status(monkeypatch):
     import gc
-    from pathlib import Path
-
-    import tomllib
+    from importlib import metadata
 
     from medautolabel import cli
 
@@ -174,8 +172,9 @@ def test_the_console_script_freezes_the_collector_before_exiting_with_mains_stat
     with pytest.raises(SystemExit) as exit_info:
         cli.run()
     assert exit_info.value.code == 2 and events == ["main", "freeze"]
-    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text("utf-8"))
-    assert project["project"]["scripts"]["medautolabel"] == "medautolabel.cli:run"
+    scripts = {e.name: e.value for e in metadata.distribution("medautolabel").entry_points
+               if e.group == "console_scripts"}
+    assert scripts["medautolabel"] == "medautolabel.cli:run"
 
 
 def test_a_labelling_process_ends_with_complete_files_slicerio_reads(model_dir, scan, tmp_path):
