@@ -226,3 +226,8 @@ def test_constant_value_names_the_per_channel_constant_or_none():
     assert constant_value(window) == (-1.0, 0.25)
     window[1, 3, 4, 5] = 0.5  # one voxel of one channel differs
     assert constant_value(window) is None
+    big = torch.zeros((2, 32, 32, 32))
+    assert constant_value(big) == (0.0, 0.0)
+    big[0, 0, 0, 1] = 1e-6  # outside the sparse sample: found by the full pass
+    assert big.reshape(2, -1)[:, ::1009].abs().max() == 0
+    assert constant_value(big) is None

@@ -37,9 +37,15 @@ def tta_flips(mode: str) -> List[Tuple[int, ...]]:
 FROZEN_GRAPH_MIN_WINDOWS = 8  # below this, building and checking the frozen CPU graph costs more than it saves
 
 
+SAMPLE_STEP = 1009  # a prime: the sample does not line up with the window's rows
+
+
 def constant_value(window: torch.Tensor) -> Optional[Tuple[float, ...]]:
     """The per-channel values of a (C, *spatial) window that is constant in every channel, else None."""
     flat = window.reshape(window.shape[0], -1)
+    sample = flat[:, ::SAMPLE_STEP]  # a window with anatomy differs within a sparse sample: no full pass
+    if not bool(torch.equal(sample.amin(dim=1), sample.amax(dim=1))):
+        return None
     low, high = flat.amin(dim=1), flat.amax(dim=1)  # 0.45 ms per 2 x 96^3 window; torch.aminmax: 3.4 ms
     if not bool(torch.equal(low, high)):
         return None
