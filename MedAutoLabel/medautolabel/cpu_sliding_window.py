@@ -66,7 +66,7 @@ def sliding_window_cpu(inputs: torch.Tensor, roi_size: Sequence[int], sw_batch_s
     count = torch.zeros([1, 1, *image_size], dtype=torch.float32)
     for start in range(0, len(slices), sw_batch_size):
         group = slices[start:start + sw_batch_size]
-        windows = torch.cat([inputs[(slice(None), slice(None), *s)] for s in group]).contiguous()
+        windows = torch.cat([inputs[(slice(None), slice(None), *s)] for s in group])  # a contiguous copy
         result = predictor(windows)
         if out is None:
             out = torch.zeros([1, int(result.shape[1]), *image_size], dtype=torch.float32)
