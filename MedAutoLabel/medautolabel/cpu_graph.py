@@ -25,6 +25,8 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from .device import float32_arithmetic
+
 log = logging.getLogger("medautolabel")
 
 Shape = Tuple[int, ...]
@@ -54,7 +56,7 @@ def build_graph(network: torch.nn.Module, shape: Shape) -> Optional[torch.jit.Sc
     generator = torch.Generator().manual_seed(0)
     example = torch.rand(shape, generator=generator)
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), float32_arithmetic():
             warnings.simplefilter("ignore")  # tracer and TorchScript deprecation warnings
             traced = torch.jit.trace(network.eval(), example, check_trace=False)
             graph = torch.jit.optimize_for_inference(torch.jit.freeze(traced))

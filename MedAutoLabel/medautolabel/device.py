@@ -1,10 +1,16 @@
 """Where the network runs: device choice, mixed precision (float16 on CUDA, bfloat16 on CPUs that
-compute it natively), and out-of-memory detection."""
+compute it natively), float32 that is float32 on every backend, and out-of-memory detection.
+
+Libraries pick a lower precision behind a float32 request when the hardware offers one: cuDNN
+convolutions default to TF32 on recent GPUs, and oneDNN may compute float32 convolutions and
+products in bfloat16 on CPUs with AMX when told to. ``float32_arithmetic`` pins them to IEEE float32
+for the duration of a computation, so "float32" means the same numbers on every machine.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Optional, Union
+from typing import Any, ContextManager, Dict, Iterator, Optional, Union
 
 import torch
 
@@ -77,12 +83,59 @@ def resolve_precision(device: torch.device, requested: str = "auto") -> str:
     return key
 
 
+FP32_BACKENDS = ("mkldnn.conv", "mkldnn.matmul", "cudnn.conv", "cuda.matmul")
+
+
+def _fp32_backends() -> Dict[str, Any]:
+    """The backends whose float32 arithmetic has a precision setting (``fp32_precision``) in this torch."""
+    found = {}
+    for name in FP32_BACKENDS:
+        backend: Any = torch.backends
+        for part in name.split("."):
+            backend = getattr(backend, part, None)
+        if isinstance(getattr(backend, "fp32_precision", None), str):
+            found[name] = backend
+    return found
+
+
+def float32_precisions() -> Dict[str, str]:
+    """The float32 precision each backend computes in now (``ieee`` is true float32), for checks and logs."""
+    return {name: backend.fp32_precision for name, backend in _fp32_backends().items()}
+
+
+@contextlib.contextmanager
+def float32_arithmetic() -> Iterator[None]:
+    """Convolutions and matrix products in IEEE float32 on every backend (no TF32, no bfloat16) inside the block.
+
+    The settings are process-wide in torch; they are restored when the block ends. On a torch without
+    per-backend settings (before 2.9) the older TF32 switches are turned off instead.
+    """
+    backends = list(_fp32_backends().values())
+    if backends:
+        saved = [b.fp32_precision for b in backends]
+        try:
+            for b in backends:
+                b.fp32_precision = "ieee"
+            yield
+        finally:
+            for b, value in zip(backends, saved):
+                b.fp32_precision = value
+        return
+    saved_tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved_tf32
+
+
 def autocast(device: torch.device, precision: Optional[str] = None) -> ContextManager:
-    """Mixed precision for ``precision`` (None: float16 on CUDA, float32 elsewhere, as in training)."""
+    """Arithmetic for ``precision`` (None: float16 on CUDA, float32 elsewhere, as in training): float16 or
+    bfloat16 autocast, or ``float32_arithmetic`` for float32."""
     if precision is None:
         precision = "float16" if device.type == "cuda" else "float32"
     if precision == "float32":
-        return contextlib.nullcontext()
+        return float32_arithmetic()
     return torch.autocast(device.type, dtype=torch.float16 if precision == "float16" else torch.bfloat16)
 
 

@@ -38,6 +38,7 @@ import torch
 from . import graph_rewrites
 from .atomic import TEMP_PREFIX
 from .cpu_graph import first_output
+from .device import float32_arithmetic
 
 log = logging.getLogger("medautolabel")
 
@@ -115,13 +116,18 @@ def _convert(network: torch.nn.Module, example: torch.Tensor):
     return graph_rewrites.rewrite_openvino_model(model)
 
 
-def _compile(model, threads: int):
-    ov = import_openvino()
+PRECISION_HINT = "f32"
 
-    # f32: never bf16/f16 where the CPU has them; denormals flushed to zero (3-4 % faster, measured;
-    # values below 1e-38 cannot move a label)
-    config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": int(threads),
-              "CPU_DENORMALS_OPTIMIZATION": True}
+
+def compile_model(model, threads: int):
+    """``model`` compiled for this CPU in float32, whatever the CPU offers.
+
+    OpenVINO computes in bfloat16 on CPUs with AMX unless told otherwise, so the precision is always
+    given (``PRECISION_HINT``). Denormals are flushed to zero: values below 1e-38 cannot move a label.
+    """
+    ov = import_openvino()
+    config = {"INFERENCE_PRECISION_HINT": PRECISION_HINT, "PERFORMANCE_HINT": "LATENCY",
+              "INFERENCE_NUM_THREADS": int(threads), "CPU_DENORMALS_OPTIMIZATION": True}
     return ov.Core().compile_model(model, "CPU", config)
 
 
@@ -136,6 +142,12 @@ class CompiledNetwork:
         self.shape = tuple(shape)
         self._compiled = compiled
         self._local = threading.local()
+
+    @property
+    def precision(self) -> str:
+        """The precision OpenVINO computes in (``f32``, ``bf16``, ...), as the compiled model reports it."""
+        hint = self._compiled.get_property("INFERENCE_PRECISION_HINT")
+        return hint.to_string() if hasattr(hint, "to_string") else str(hint)
 
     def _infer(self, x: torch.Tensor) -> np.ndarray:
         if tuple(x.shape) != self.shape:
@@ -197,15 +209,15 @@ def compiled_for_cpu(network: torch.nn.Module, shape: Shape,
     folder = cache_root() / "openvino" / network_key(network, shape)
     if (folder / "model.xml").is_file():
         try:
-            return CompiledNetwork(_compile(ov.Core().read_model(str(folder / "model.xml")), threads), shape)
+            return CompiledNetwork(compile_model(ov.Core().read_model(str(folder / "model.xml")), threads), shape)
         except Exception as e:  # noqa: BLE001 - a damaged cache entry is rebuilt
             log.debug("cached OpenVINO model %s unreadable (%s); rebuilding", folder, e)
             shutil.rmtree(folder, ignore_errors=True)
     example = torch.rand(shape, generator=torch.Generator().manual_seed(0))
     try:
         model = _convert(network, example)
-        compiled = CompiledNetwork(_compile(model, threads), shape)
-        with torch.no_grad():
+        compiled = CompiledNetwork(compile_model(model, threads), shape)
+        with torch.no_grad(), float32_arithmetic():
             expected = first_output(network(example))
         agrees = _agrees(compiled(example), expected)
     except Exception as e:  # noqa: BLE001 - any network OpenVINO cannot take runs another way
