@@ -1,0 +1,314 @@
+"""Hostile output locations: outputs onto inputs, onto files medautolabel did not write, into full,
+read-only or forbidden places, with names too long; and the clean-up after killed runs.
+
+Every refusal is one line ``medautolabel: error: <path>: <problem>``, exit status 2, no temporary
+left, the inputs (and any file in the way) byte-identical (Testing/hostile.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional
+
+import pytest
+from hostile import Outcome, Snapshot, assert_refused, run_inprocess, temporaries
+from killed_writer import kill_a_writer_of
+from thresholdmodel import sphere_image, write_threshold_model
+
+from medautolabel.io import write_image
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_threshold_model(tmp_path_factory.mktemp("threshold-model"))
+
+
+def scan(folder: Path, name: str = "scan.nii.gz") -> Path:
+    """A small labelled-able image at ``folder/name``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_image(sphere_image(), folder / name)
+
+
+def label_args(inputs, out, model_dir, *extra) -> List[str]:
+    return ["label", *[str(p) for p in inputs], "-o", str(out), "--model", str(model_dir), "--device", "cpu", "-q",
+            *extra]
+
+
+@dataclass
+class Case:
+    """A prepared hostile run: the command, what its one error line holds, what must stay as it was."""
+
+    args: List[str]
+    names: List[str]
+    words: List[str]
+    keep: List[Path]  # inputs and files in the way: byte-identical afterwards
+    empty: List[Path] = field(default_factory=list)  # folders that must hold no file afterwards
+    temps: List[Path] = field(default_factory=list)  # folders that must hold no temporary afterwards
+    cwd: Optional[Path] = None  # the working folder of the run, for relative paths such as "-o ."
+
+
+# --- label ------------------------------------------------------------------------------------------
+
+def label_into_input_folder(tmp: Path, model: Path, *extra: str) -> Case:
+    image = scan(tmp / "in")
+    return Case(label_args([image], tmp / "in", model, "--format", "nii.gz", *extra), [str(image)],
+                ["is an input"], [tmp / "in"], temps=[tmp / "in"])
+
+
+def label_dot_output(tmp: Path, model: Path) -> Case:
+    image = scan(tmp / "in")
+    args = label_args(["scan.nii.gz"], ".", model, "--format", "nii.gz", "--overwrite")
+    return Case(args, ["scan.nii.gz"], ["is an input"], [image], temps=[tmp / "in"], cwd=tmp / "in")
+
+
+def label_onto_symlink(tmp: Path, model: Path) -> Case:
+    image = scan(tmp / "in")
+    (tmp / "out").mkdir()
+    (tmp / "out" / "scan.nii.gz").symlink_to(image)
+    return Case(label_args([image], tmp / "out", model, "--format", "nii.gz", "--overwrite"),
+                [str(tmp / "out" / "scan.nii.gz")], ["is an input"], [tmp / "in", tmp / "out"], temps=[tmp])
+
+
+def label_onto_hard_link(tmp: Path, model: Path) -> Case:
+    image = scan(tmp / "in")
+    (tmp / "out").mkdir()
+    os.link(image, tmp / "out" / "scan.nii.gz")
+    return Case(label_args([image], tmp / "out", model, "--format", "nii.gz"),
+                [str(tmp / "out" / "scan.nii.gz")], ["is an input"], [tmp / "in", tmp / "out"], temps=[tmp])
+
+
+def label_onto_foreign_tags(tmp: Path, model: Path) -> Case:
+    image = scan(tmp / "in")
+    (tmp / "out").mkdir()
+    (tmp / "out" / "scan.tags.json").write_text('{"mine": "the radiologist\'s notes"}\n')
+    return Case(label_args([image], tmp / "out", model, "--overwrite"), ["scan.tags.json"],
+                ["not written by medautolabel"], [tmp / "in", tmp / "out"], temps=[tmp])
+
+
+def label_onto_foreign_segmentation(tmp: Path, model: Path) -> Case:
+    image = scan(tmp / "in")
+    (tmp / "out").mkdir()
+    (tmp / "out" / "scan.seg.nrrd").write_bytes(b"NRRD0004\n# hand-made segmentation\n")
+    return Case(label_args([image], tmp / "out", model), ["scan.seg.nrrd"], ["not written by medautolabel"],
+                [tmp / "in", tmp / "out"], temps=[tmp])
+
+
+def label_output_is_a_file(tmp: Path, model: Path) -> Case:
+    image = scan(tmp / "in")
+    (tmp / "out.txt").write_text("not a folder\n")
+    return Case(label_args([image], tmp / "out.txt", model), ["out.txt"], ["is a file, not a folder"],
+                [tmp / "in", tmp / "out.txt"], temps=[tmp])
+
+
+def label_output_is_the_input(tmp: Path, model: Path) -> Case:
+    image = scan(tmp / "in")
+    return Case(label_args([image], image, model), [str(image)], ["is a file, not a folder"], [tmp / "in"],
+                temps=[tmp])
+
+
+def label_output_below_a_file(tmp: Path, model: Path) -> Case:
+    image = scan(tmp / "in")
+    (tmp / "blocker").write_text("a file where a folder should be\n")
+    return Case(label_args([image], tmp / "blocker" / "out", model), ["blocker"], ["folder"],
+                [tmp / "in", tmp / "blocker"], temps=[tmp])
+
+
+def label_name_too_long(tmp: Path, model: Path) -> Case:
+    image = scan(tmp / "in", "x" * 248 + ".nii")  # 252 bytes; its <stem>.seg.nrrd would be 257
+    return Case(label_args([image], tmp / "out", model), ["x" * 248 + ".seg.nrrd"], ["file name too long"],
+                [tmp / "in"], empty=[tmp / "out"], temps=[tmp])
+
+
+# --- evaluate ---------------------------------------------------------------------------------------
+
+def eval_inputs(tmp: Path) -> Dict[str, Path]:
+    """A prediction folder and an MSD-style dataset root holding the references."""
+    image = sphere_image()
+    labels = image.with_array((image.array > 100).astype("uint8"))
+    write_image(labels, tmp / "pred" / "case1.nii.gz")
+    write_image(labels, tmp / "data" / "labelsTr" / "case1.nii.gz")
+    (tmp / "data" / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "vessel"}}))
+    return {"pred": tmp / "pred", "ref": tmp / "data" / "labelsTr", "root": tmp / "data"}
+
+
+def evaluate_into_predictions(tmp: Path, model: Path) -> Case:
+    d = eval_inputs(tmp)
+    return Case(["evaluate", str(d["pred"]), str(d["ref"]), "-o", str(d["pred"]), "--overwrite"], [str(d["pred"])],
+                ["is an input"], [d["pred"], d["root"]], temps=[tmp])
+
+
+def evaluate_into_dataset_root(tmp: Path, model: Path) -> Case:
+    d = eval_inputs(tmp)
+    return Case(["evaluate", str(d["pred"]), str(d["ref"]), "-o", str(d["root"])], [str(d["root"])],
+                ["not empty", "--overwrite"], [d["pred"], d["root"]], temps=[tmp])
+
+
+def evaluate_over_foreign_report(tmp: Path, model: Path) -> Case:
+    d = eval_inputs(tmp)
+    (tmp / "report").mkdir()
+    (tmp / "report" / "metrics.csv").write_text("my,own,metrics\n")
+    return Case(["evaluate", str(d["pred"]), str(d["ref"]), "-o", str(tmp / "report"), "--overwrite"],
+                ["metrics.csv"], ["not written by medautolabel"], [d["pred"], d["root"], tmp / "report"],
+                temps=[tmp])
+
+
+def evaluate_onto_a_file(tmp: Path, model: Path) -> Case:
+    d = eval_inputs(tmp)
+    (tmp / "report.html").write_text("<p>mine</p>\n")
+    return Case(["evaluate", str(d["pred"]), str(d["ref"]), "-o", str(tmp / "report.html")], ["report.html"],
+                ["is a file"], [d["pred"], d["root"], tmp / "report.html"], temps=[tmp])
+
+
+# --- models export-bundle ---------------------------------------------------------------------------
+
+def bundle_into_full_folder(tmp: Path, model: Path) -> Case:
+    (tmp / "bundle").mkdir()
+    (tmp / "bundle" / "thesis.tex").write_text("\\section{mine}\n")
+    return Case(["models", "export-bundle", "vessel-nerve-cta", str(tmp / "bundle")], [str(tmp / "bundle")],
+                ["not empty"], [tmp / "bundle"], temps=[tmp])
+
+
+def bundle_over_foreign_bundle(tmp: Path, model: Path) -> Case:
+    (tmp / "bundle" / "configs").mkdir(parents=True)
+    (tmp / "bundle" / "configs" / "inference.json").write_text('{"network_def": "someone else\'s"}\n')
+    return Case(["models", "export-bundle", "vessel-nerve-cta", str(tmp / "bundle"), "--overwrite"],
+                ["inference.json"], ["not written by medautolabel"], [tmp / "bundle"], temps=[tmp])
+
+
+def bundle_onto_a_file(tmp: Path, model: Path) -> Case:
+    (tmp / "bundle").write_text("a file\n")
+    return Case(["models", "export-bundle", "vessel-nerve-cta", str(tmp / "bundle")], [str(tmp / "bundle")],
+                ["is a file"], [tmp / "bundle"], temps=[tmp])
+
+
+def bundle_of_a_torchscript_model(tmp: Path, model: Path) -> Case:
+    return Case(["models", "export-bundle", str(model), str(tmp / "bundle")], ["model.json"], ["TorchScript"],
+                [model], empty=[tmp / "bundle"], temps=[tmp])
+
+
+# --- phantoms ---------------------------------------------------------------------------------------
+
+def user_dataset(tmp: Path) -> Path:
+    root = tmp / "Dataset001"
+    scan(root / "imagesTr", "phantom_0000000.nii.gz")
+    (root / "dataset.json").write_text(json.dumps({"name": "my hand-labelled study", "training": []}))
+    return root
+
+
+def phantoms_into_dataset(tmp: Path, model: Path) -> Case:
+    root = user_dataset(tmp)
+    return Case(["phantoms", "-o", str(root), "-n", "1", "-q"], [str(root)], ["not empty"], [root], temps=[tmp])
+
+
+def phantoms_over_foreign_dataset(tmp: Path, model: Path) -> Case:
+    root = user_dataset(tmp)
+    return Case(["phantoms", "-o", str(root), "-n", "1", "-q", "--overwrite"], ["phantom_0000000.nii.gz"],
+                ["not written by medautolabel"], [root], temps=[tmp])
+
+
+def phantoms_onto_a_file(tmp: Path, model: Path) -> Case:
+    (tmp / "Dataset001").write_text("a file\n")
+    return Case(["phantoms", "-o", str(tmp / "Dataset001"), "-n", "1", "-q"], ["Dataset001"], ["is a file"],
+                [tmp / "Dataset001"], temps=[tmp])
+
+
+# --- train ------------------------------------------------------------------------------------------
+
+def train_into_full_folder(tmp: Path, model: Path) -> Case:
+    root = user_dataset(tmp)
+    (tmp / "models").mkdir()
+    (tmp / "models" / "notes.txt").write_text("mine\n")
+    return Case(["train", str(root), "-o", str(tmp / "models"), "--device", "cpu"], [str(tmp / "models")],
+                ["not empty"], [root, tmp / "models"], temps=[tmp])
+
+
+def train_into_the_dataset(tmp: Path, model: Path) -> Case:
+    root = user_dataset(tmp)
+    return Case(["train", str(root), "-o", str(root), "--device", "cpu", "--overwrite"], [str(root)],
+                ["is an input"], [root], temps=[tmp])
+
+
+def train_over_foreign_model(tmp: Path, model: Path) -> Case:
+    root = user_dataset(tmp)
+    (tmp / "m").mkdir()
+    (tmp / "m" / "model.json").write_text('{"id": "someone else\'s model"}\n')
+    return Case(["train", str(root), "-o", str(tmp / "m"), "--device", "cpu", "--overwrite"], ["model.json"],
+                ["not written by medautolabel"], [root, tmp / "m"], temps=[tmp])
+
+
+# --- batch ------------------------------------------------------------------------------------------
+
+def batch_into_input_folder(tmp: Path, model: Path) -> Case:
+    scan(tmp / "in")
+    return Case(["batch", str(tmp / "in"), "-o", str(tmp / "in"), "--model", str(model), "--format", "nii.gz",
+                 "--device", "cpu", "-q"], ["scan.nii.gz"], ["is an input"], [tmp / "in"], temps=[tmp])
+
+
+def batch_over_foreign_summary(tmp: Path, model: Path) -> Case:
+    scan(tmp / "in")
+    (tmp / "out").mkdir()
+    (tmp / "out" / "summary.csv").write_text("patient,finding\n")
+    return Case(["batch", str(tmp / "in"), "-o", str(tmp / "out"), "--model", str(model), "--device", "cpu", "-q"],
+                ["summary.csv"], ["not written by medautolabel"], [tmp / "in", tmp / "out"], temps=[tmp])
+
+
+def batch_untrusted_bundle(tmp: Path, model: Path) -> Case:
+    scan(tmp / "in")
+    (tmp / "bundle" / "configs").mkdir(parents=True)
+    (tmp / "bundle" / "configs" / "inference.json").write_text('{"network_def": "$__import__(\'os\')"}\n')
+    return Case(["batch", str(tmp / "in"), "-o", str(tmp / "out"), "--model", str(tmp / "bundle"), "--device", "cpu",
+                 "-q"], [str(tmp / "bundle")], ["--trust"], [tmp / "in", tmp / "bundle"], empty=[tmp / "out"],
+                temps=[tmp])
+
+
+CASES: Dict[str, Callable[[Path, Path], Case]] = {
+    "label-nii-into-input-folder": label_into_input_folder,
+    "label-nii-into-input-folder-overwrite": lambda t, m: label_into_input_folder(t, m, "--overwrite"),
+    "label-dot-output-in-input-folder": label_dot_output,
+    "label-onto-symlink-to-input": label_onto_symlink,
+    "label-onto-hard-link-of-input": label_onto_hard_link,
+    "label-over-foreign-tags-json": label_onto_foreign_tags,
+    "label-over-foreign-seg-nrrd": label_onto_foreign_segmentation,
+    "label-output-is-a-file": label_output_is_a_file,
+    "label-output-is-the-input-file": label_output_is_the_input,
+    "label-output-below-a-file": label_output_below_a_file,
+    "label-output-name-too-long": label_name_too_long,
+    "evaluate-into-predictions": evaluate_into_predictions,
+    "evaluate-into-dataset-root": evaluate_into_dataset_root,
+    "evaluate-over-foreign-report": evaluate_over_foreign_report,
+    "evaluate-onto-a-file": evaluate_onto_a_file,
+    "export-bundle-into-full-folder": bundle_into_full_folder,
+    "export-bundle-over-foreign-bundle": bundle_over_foreign_bundle,
+    "export-bundle-onto-a-file": bundle_onto_a_file,
+    "export-bundle-of-torchscript": bundle_of_a_torchscript_model,
+    "phantoms-into-dataset": phantoms_into_dataset,
+    "phantoms-over-foreign-dataset": phantoms_over_foreign_dataset,
+    "phantoms-onto-a-file": phantoms_onto_a_file,
+    "train-into-full-folder": train_into_full_folder,
+    "train-into-the-dataset": train_into_the_dataset,
+    "train-over-foreign-model": train_over_foreign_model,
+    "batch-nii-into-input-folder": batch_into_input_folder,
+    "batch-over-foreign-summary": batch_over_foreign_summary,
+    "batch-untrusted-bundle": batch_untrusted_bundle,
+}
+
+
+def run_case(case: Case) -> Outcome:
+    snap = Snapshot(*case.keep)
+    outcome = run_inprocess(case.args)
+    assert_refused(outcome, case.names, case.words, untouched=snap, no_temps_in=case.temps, no_files_in=case.empty)
+    return outcome
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_refused_output(name, tmp_path, model_dir, monkeypatch):
+    case = CASES[name](tmp_path, model_dir)
+    if case.cwd is not None:
+        monkeypatch.chdir(case.cwd)
+    run_case(case)
