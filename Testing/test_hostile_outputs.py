@@ -312,3 +312,164 @@ def test_refused_output(name, tmp_path, model_dir, monkeypatch):
     if case.cwd is not None:
         monkeypatch.chdir(case.cwd)
     run_case(case)
+
+
+# --- full, read-only and size-limited file systems ----------------------------------------------------
+
+@contextlib.contextmanager
+def small_fs(folder: Path, size: str = "256k") -> Iterator[Path]:
+    """A real tmpfs of ``size`` mounted at ``folder`` (skips the test when mounting is not permitted)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True,
+                       capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root and mount rights): {e}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False, capture_output=True)
+
+
+def fill(folder: Path) -> Path:
+    """Fill ``folder``'s file system to the last block; return the filler file."""
+    filler = folder / "filler.bin"
+    with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 4096)
+    return filler
+
+
+def read_only(folder: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True, capture_output=True)
+
+
+def test_label_onto_a_full_disk(tmp_path, model_dir):
+    image = scan(tmp_path / "in")
+    with small_fs(tmp_path / "disk") as disk:
+        filler = fill(disk)
+        snap = Snapshot(tmp_path / "in", filler)
+        outcome = run_inprocess(label_args([image], disk, model_dir))
+        assert_refused(outcome, [str(disk / "scan.")], ["no space left"], untouched=snap, no_temps_in=[disk])
+        assert sorted(p.name for p in disk.iterdir()) == ["filler.bin"]
+
+
+@pytest.mark.parametrize("fmt", ["seg.nrrd", "nii.gz"])
+def test_label_onto_a_read_only_file_system(fmt, tmp_path, model_dir):
+    image = scan(tmp_path / "in")
+    with small_fs(tmp_path / "disk") as disk:
+        (disk / "out").mkdir()
+        read_only(disk)
+        snap = Snapshot(tmp_path / "in")
+        outcome = run_inprocess(label_args([image], disk / "out", model_dir, "--format", fmt))
+        assert_refused(outcome, [str(disk / "out" / "scan.")], ["read-only file system"], untouched=snap,
+                       no_files_in=[disk])
+
+
+def test_label_into_a_missing_folder_on_a_read_only_file_system(tmp_path, model_dir):
+    image = scan(tmp_path / "in")
+    with small_fs(tmp_path / "disk") as disk:
+        read_only(disk)
+        outcome = run_inprocess(label_args([image], disk / "new" / "out", model_dir))
+        assert_refused(outcome, [str(disk / "new" / "out")], ["read-only file system"],
+                       untouched=Snapshot(tmp_path / "in"), no_files_in=[disk])
+
+
+def test_phantoms_onto_a_full_disk_leave_no_partial_dataset(tmp_path):
+    with small_fs(tmp_path / "disk", "512k") as disk:
+        outcome = run_inprocess(["phantoms", "-o", str(disk / "Dataset001"), "-n", "3", "-q"])
+        assert_refused(outcome, [str(disk / "Dataset001")], ["no space left"], no_files_in=[disk])
+
+
+def test_evaluate_onto_a_read_only_file_system(tmp_path):
+    d = eval_inputs(tmp_path)
+    with small_fs(tmp_path / "disk") as disk:
+        read_only(disk)
+        snap = Snapshot(d["pred"], d["root"])
+        outcome = run_inprocess(["evaluate", str(d["pred"]), str(d["ref"]), "-o", str(disk / "report")])
+        assert_refused(outcome, [str(disk / "report")], ["read-only file system"], untouched=snap,
+                       no_files_in=[disk])
+
+
+_FSIZE_CHILD = ("import resource, sys\n"
+                "resource.setrlimit(resource.RLIMIT_FSIZE, (600, 600))\n"
+                "from medautolabel.cli import main\n"
+                "sys.exit(main(sys.argv[1:]))\n")
+
+
+def test_label_over_the_file_size_limit(tmp_path, model_dir):
+    """RLIMIT_FSIZE (ulimit -f) in a child process: the write fails with EFBIG, reported in one line."""
+    image = scan(tmp_path / "in")
+    snap = Snapshot(tmp_path / "in")
+    proc = subprocess.run([sys.executable, "-c", _FSIZE_CHILD, *label_args([image], tmp_path / "out", model_dir)],
+                          capture_output=True, text=True, timeout=300)
+    outcome = Outcome(proc.returncode, proc.stdout.splitlines(), proc.stderr.splitlines())
+    assert_refused(outcome, [str(tmp_path / "out" / "scan.")], ["file too large"], untouched=snap,
+                   no_files_in=[tmp_path / "out"])
+
+
+# --- names near the limit, killed earlier runs, batch resume ----------------------------------------
+
+def test_a_long_output_name_still_gets_a_valid_temporary(tmp_path, model_dir):
+    """A 240-byte stem: the outputs' names fit, their temp names are shortened, and nothing is left behind."""
+    stem = "y" * 240
+    image = scan(tmp_path / "in", stem + ".nii.gz")
+    outcome = run_inprocess(label_args([image], tmp_path / "out", model_dir))
+    assert outcome.status == 0, outcome.err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [stem + ".seg.nrrd", stem + ".tags.json"]
+    assert temporaries(tmp_path) == []
+
+
+def test_leftover_temporaries_of_long_names_are_recognised(tmp_path):
+    from medautolabel.atomic import leftover_temps
+
+    target = tmp_path / ("z" * 250 + ".nii.gz")
+    kill_a_writer_of(target)
+    left = temporaries(tmp_path)
+    assert len(left) == 1 and len(os.fsencode(Path(left[0]).name)) <= 255
+    assert [str(p) for p in leftover_temps(target)] == left
+    assert leftover_temps(tmp_path / ("z" * 249 + ".nii.gz")) == []
+
+
+@pytest.mark.parametrize("fmt", ["seg.nrrd", "nii.gz"])
+def test_label_rerun_removes_the_temporaries_of_a_killed_run(fmt, tmp_path, model_dir):
+    image = scan(tmp_path / "in")
+    out = tmp_path / "out"
+    out.mkdir()
+    kill_a_writer_of(out / f"scan.{fmt}")
+    kill_a_writer_of(out / "scan.tags.json")
+    assert len(temporaries(out)) == 2
+    snap = Snapshot(tmp_path / "in")
+    outcome = run_inprocess(label_args([image], out, model_dir, "--format", fmt))
+    assert outcome.status == 0, outcome.err
+    assert temporaries(out) == []
+    assert (out / "scan.tags.json").is_file() and (out / f"scan.{fmt}").is_file()
+    snap.assert_unchanged()
+
+
+def test_batch_outputs_inside_the_input_folder_are_never_studies(tmp_path, model_dir):
+    """A rerun of batch -o IN/labels: its outputs, temporaries and summary.csv are not taken as studies."""
+    from medautolabel.cluster_batch import find_cases
+
+    images = [scan(tmp_path / "in", f"case{c}.nii.gz") for c in range(2)]
+    labels = tmp_path / "in" / "labels"
+    assert run_inprocess(label_args(images[:1], labels, model_dir, "--format", "nii.gz")).status == 0
+    kill_a_writer_of(labels / "case1.nii.gz")
+    (labels / "summary.csv").write_text("case,input,status,seconds,message,worker\n")
+    assert find_cases(tmp_path / "in", exclude=labels) == images
+    # the same folder for inputs and outputs: the labelmaps written there are recognised as outputs
+    assert run_inprocess(label_args(images[:1], tmp_path / "in", model_dir, "--format", "nii.gz")).status == 2
+    assert run_inprocess(label_args(images[:1], tmp_path / "in", model_dir)).status == 0
+    assert find_cases(tmp_path / "in", exclude=tmp_path / "in") == images
+
+
+def test_evaluate_overwrite_replaces_its_own_report_only(tmp_path):
+    d = eval_inputs(tmp_path)
+    report = tmp_path / "report"
+    assert run_inprocess(["evaluate", str(d["pred"]), str(d["ref"]), "-o", str(report)]).status == 0
+    (report / "notes.txt").write_text("keep me\n")
+    snap = Snapshot(report / "notes.txt", d["pred"], d["root"])
+    outcome = run_inprocess(["evaluate", str(d["pred"]), str(d["ref"]), "-o", str(report), "--overwrite"])
+    assert outcome.status == 0, outcome.err
+    assert sorted(p.name for p in report.iterdir()) == ["metrics.csv", "notes.txt", "report.html", "summary.json"]
+    snap.assert_unchanged()
