@@ -473,3 +473,47 @@ def test_evaluate_overwrite_replaces_its_own_report_only(tmp_path):
     assert outcome.status == 0, outcome.err
     assert sorted(p.name for p in report.iterdir()) == ["metrics.csv", "notes.txt", "report.html", "summary.json"]
     snap.assert_unchanged()
+
+
+def read_rows(path: Path) -> Dict[str, Dict[str, str]]:
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        return {row["case"]: row for row in csv.DictReader(f)}
+
+
+@pytest.mark.slow
+def test_batch_rerun_with_outputs_inside_the_input_folder(tmp_path, model_dir):
+    """batch -o IN/labels after a killed run: finishes the rest, rewrites nothing, takes no output for a study."""
+    pytest.importorskip("distributed")
+    images = [scan(tmp_path / "in", f"case{c}.nii.gz") for c in range(2)]
+    labels = tmp_path / "in" / "labels"
+    assert run_inprocess(label_args(images[:1], labels, model_dir, "--format", "nii.gz")).status == 0
+    finished = {p.name: p.stat().st_mtime_ns for p in labels.iterdir()}
+    kill_a_writer_of(labels / "case1.nii.gz")
+    snap = Snapshot(*images)
+    outcome = run_inprocess(["batch", str(tmp_path / "in"), "-o", str(labels), "--model", str(model_dir),
+                             "--format", "nii.gz", "--device", "cpu", "--workers", "1", "-q"])
+    assert outcome.status == 0, outcome.err
+    rows = read_rows(labels / "summary.csv")
+    assert {c: r["status"] for c, r in rows.items()} == {"case0": "skipped", "case1": "ok"}
+    assert all((labels / name).stat().st_mtime_ns == mtime for name, mtime in finished.items())
+    assert temporaries(tmp_path) == []
+    snap.assert_unchanged()
+    again = run_inprocess(["batch", str(tmp_path / "in"), "-o", str(labels), "--model", str(model_dir),
+                           "--format", "nii.gz", "--device", "cpu", "--workers", "1", "-q"])
+    assert again.status == 0 and set(read_rows(labels / "summary.csv")) == {"case0", "case1"}, again.err
+
+
+@pytest.mark.slow
+def test_batch_runs_a_trusted_bundle_as_label_does(tmp_path):
+    pytest.importorskip("distributed")
+    image = scan(tmp_path / "in")
+    bundle = tmp_path / "bundle"
+    assert run_inprocess(["models", "export-bundle", "vessel-nerve-cta", str(bundle)]).status == 0
+    outcome = run_inprocess(["batch", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", str(bundle),
+                             "--trust", "--device", "cpu", "--workers", "1", "-q"])
+    assert outcome.status == 0, outcome.err
+    assert read_rows(tmp_path / "out" / "summary.csv")["scan"]["status"] == "ok"
+    tags = json.loads((tmp_path / "out" / "scan.tags.json").read_text(encoding="utf-8"))
+    assert tags["labelmap_file"] == "scan.seg.nrrd" and image.is_file()

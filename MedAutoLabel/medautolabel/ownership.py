@@ -162,12 +162,19 @@ def check_replaceable(targets: Sequence[PathLike], inputs: Iterable[PathLike] = 
     Existing files of ours are replaced only when ``overwrite``; otherwise the message says to add
     ``--overwrite``. Nothing is written or removed here.
     """
+    from .atomic import output_error
+
     check_not_input(targets, inputs)
     for target in targets:
         p = Path(target)
-        if p.is_dir():
+        try:
+            present = os.path.lexists(p)
+            is_folder = p.is_dir()
+        except OSError as e:  # a name too long, a file where a folder should be, ...
+            raise output_error(e, p) from None
+        if is_folder:
             raise MedAutoLabelError("is a folder, not a file", p)
-        if not (p.exists() or p.is_symlink()):
+        if not present:
             continue
         if not is_ours(p):
             raise MedAutoLabelError("exists and was not written by medautolabel: refusing to replace it "
