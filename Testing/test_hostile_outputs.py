@@ -125,6 +125,20 @@ def label_name_too_long(tmp: Path, model: Path) -> Case:
                 [tmp / "in"], empty=[tmp / "out"], temps=[tmp])
 
 
+def label_output_name_is_a_folder(tmp: Path, model: Path) -> Case:
+    image = scan(tmp / "in")
+    (tmp / "out" / "scan.seg.nrrd").mkdir(parents=True)
+    (tmp / "out" / "scan.seg.nrrd" / "mine.txt").write_text("mine\n")
+    return Case(label_args([image], tmp / "out", model, "--overwrite"), ["scan.seg.nrrd"], ["is a folder"],
+                [tmp / "in", tmp / "out"], temps=[tmp])
+
+
+def label_second_input_would_be_replaced(tmp: Path, model: Path) -> Case:
+    first, second = scan(tmp / "x", "one.nii.gz"), scan(tmp / "y", "two.nii.gz")
+    return Case(label_args([first, second], tmp / "y", model, "--format", "nii.gz"), [str(second)],
+                ["is an input"], [tmp / "x", tmp / "y"], temps=[tmp])
+
+
 # --- evaluate ---------------------------------------------------------------------------------------
 
 def eval_inputs(tmp: Path) -> Dict[str, Path]:
@@ -242,6 +256,13 @@ def train_over_foreign_model(tmp: Path, model: Path) -> Case:
                 ["not written by medautolabel"], [root, tmp / "m"], temps=[tmp])
 
 
+def train_onto_a_file(tmp: Path, model: Path) -> Case:
+    root = user_dataset(tmp)
+    (tmp / "m").write_text("a file\n")
+    return Case(["train", str(root), "-o", str(tmp / "m"), "--device", "cpu"], [str(tmp / "m")], ["is a file"],
+                [root, tmp / "m"], temps=[tmp])
+
+
 # --- batch ------------------------------------------------------------------------------------------
 
 def batch_into_input_folder(tmp: Path, model: Path) -> Case:
@@ -267,6 +288,13 @@ def batch_untrusted_bundle(tmp: Path, model: Path) -> Case:
                 temps=[tmp])
 
 
+def batch_onto_a_file(tmp: Path, model: Path) -> Case:
+    scan(tmp / "in")
+    (tmp / "out").write_text("a file\n")
+    return Case(["batch", str(tmp / "in"), "-o", str(tmp / "out"), "--model", str(model), "--device", "cpu", "-q"],
+                [str(tmp / "out")], ["is a file"], [tmp / "in", tmp / "out"], temps=[tmp])
+
+
 CASES: Dict[str, Callable[[Path, Path], Case]] = {
     "label-nii-into-input-folder": label_into_input_folder,
     "label-nii-into-input-folder-overwrite": lambda t, m: label_into_input_folder(t, m, "--overwrite"),
@@ -279,6 +307,8 @@ CASES: Dict[str, Callable[[Path, Path], Case]] = {
     "label-output-is-the-input-file": label_output_is_the_input,
     "label-output-below-a-file": label_output_below_a_file,
     "label-output-name-too-long": label_name_too_long,
+    "label-output-name-is-a-folder": label_output_name_is_a_folder,
+    "label-second-input-would-be-replaced": label_second_input_would_be_replaced,
     "evaluate-into-predictions": evaluate_into_predictions,
     "evaluate-into-dataset-root": evaluate_into_dataset_root,
     "evaluate-over-foreign-report": evaluate_over_foreign_report,
@@ -293,9 +323,11 @@ CASES: Dict[str, Callable[[Path, Path], Case]] = {
     "train-into-full-folder": train_into_full_folder,
     "train-into-the-dataset": train_into_the_dataset,
     "train-over-foreign-model": train_over_foreign_model,
+    "train-onto-a-file": train_onto_a_file,
     "batch-nii-into-input-folder": batch_into_input_folder,
     "batch-over-foreign-summary": batch_over_foreign_summary,
     "batch-untrusted-bundle": batch_untrusted_bundle,
+    "batch-onto-a-file": batch_onto_a_file,
 }
 
 
@@ -389,6 +421,33 @@ def test_evaluate_onto_a_read_only_file_system(tmp_path):
         outcome = run_inprocess(["evaluate", str(d["pred"]), str(d["ref"]), "-o", str(disk / "report")])
         assert_refused(outcome, [str(disk / "report")], ["read-only file system"], untouched=snap,
                        no_files_in=[disk])
+
+
+@contextlib.contextmanager
+def immutable(folder: Path) -> Iterator[Path]:
+    """``folder`` with the immutable attribute: even root gets EPERM creating a file in it (skips without chattr)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run(["chattr", "+i", str(folder)], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"cannot make a folder immutable here (needs chattr and root): {e}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=False, capture_output=True)
+
+
+@pytest.mark.parametrize("command", ["label", "evaluate"])
+def test_permission_denied(command, tmp_path, model_dir):
+    """A folder the user may not write into (an immutable one: chmod does not stop root)."""
+    image = scan(tmp_path / "in")
+    d = eval_inputs(tmp_path)
+    with immutable(tmp_path / "locked") as locked:
+        snap = Snapshot(tmp_path / "in", d["pred"], d["root"])
+        args = label_args([image], locked, model_dir) if command == "label" else \
+            ["evaluate", str(d["pred"]), str(d["ref"]), "-o", str(locked)]
+        outcome = run_inprocess(args)
+        assert_refused(outcome, [str(locked)], ["permission denied"], untouched=snap, no_files_in=[locked])
 
 
 _FSIZE_CHILD = ("import resource, sys\n"

@@ -27,7 +27,6 @@ _TAIL_BYTES = 64  # a long target name's ending kept in its temp name (the exten
 
 _PROBLEMS = {
     errno.ENOSPC: "no space left on the device",
-    errno.EDQUOT: "disk quota exceeded",
     errno.EROFS: "read-only file system",
     errno.EACCES: "permission denied",
     errno.EPERM: "permission denied",
@@ -38,6 +37,8 @@ _PROBLEMS = {
     errno.EFBIG: "file too large (file size limit of the system or the file system)",
     errno.ENOENT: "the folder does not exist",
 }
+if hasattr(errno, "EDQUOT"):  # not on Windows
+    _PROBLEMS[errno.EDQUOT] = "disk quota exceeded"
 
 
 def output_error(error: OSError, path: PathLike) -> MedAutoLabelError:
@@ -104,7 +105,7 @@ def _remove(path: Path) -> None:
 def _disk_full(folder: Path) -> bool:
     """True when ``folder``'s file system has no block left for an ordinary user."""
     try:
-        return os.statvfs(folder).f_bavail == 0
+        return hasattr(os, "statvfs") and os.statvfs(folder).f_bavail == 0
     except OSError:
         return False
 

@@ -114,7 +114,7 @@ def _owned_by_listing(path: Path) -> bool:
             return True
         dataset = _json(root / "dataset.json")
         if dataset.get("reference") == PHANTOMS_REFERENCE and any(
-                relative in (str(c.get(k, "")).lstrip("./") for k in ("image", "label"))
+                relative in (str(c.get(k, "")).removeprefix("./") for k in ("image", "label"))
                 for c in dataset.get("training", []) if isinstance(c, dict)):
             return True
     card = _json(folder / "model.json")
