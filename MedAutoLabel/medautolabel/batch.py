@@ -75,7 +75,8 @@ def label_files(inputs: Sequence[PathLike], out_dir: PathLike, model: Union[str,
     ``status`` is "ok", "skipped" (outputs already there) or "error" (``message`` says why). The model
     is resolved once and its network stays cached between cases. ``model`` may also be a MONAI
     bundle folder, run only when ``trust`` (or listed as trusted, see bundle.py). ``fail_fast``
-    re-raises the first error; ``Cancelled`` always propagates.
+    re-raises the first error; ``Cancelled`` always propagates. An output that would replace an
+    input or a file medautolabel did not write raises ``MedAutoLabelError`` before any work.
     """
     from .bundle import BundleModel, is_bundle
     from .io import read_image  # SimpleITK import deferred: `medautolabel --help` stays fast

@@ -3,8 +3,10 @@
 Each case runs ``batch.label_files`` for one input on a Dask worker (a local cluster of worker
 processes by default, or the cluster at ``scheduler``). Finished cases (both output files present)
 are skipped and never rewritten, so a killed batch is resumed by running it again (the temporaries
-a kill left behind for unfinished cases are removed first). A case that fails is recorded in the
-summary and the others go on. Workers keep their loaded network between cases.
+a kill left behind for unfinished cases go when those are written, see atomic.py). The output
+folder may lie inside the input folder: its outputs, temporaries and summary.csv are never taken
+for studies. A case that fails is recorded in the summary and the others go on. Workers keep their
+loaded network between cases.
 """
 
 from __future__ import annotations
