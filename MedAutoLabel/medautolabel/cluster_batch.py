@@ -43,9 +43,7 @@ def find_cases(input_dir: PathLike, exclude: Optional[PathLike] = None) -> List[
     cases: List[Path] = []
     for folder, dirs, files in os.walk(root):
         here = Path(folder)
-        dirs[:] = sorted(d for d in dirs if skip is None or file_id(here / d) != skip)
-        if skip is not None and here != root and file_id(here) == skip:
-            continue
+        dirs[:] = sorted(d for d in dirs if skip is None or file_id(here / d) != skip)  # not into the outputs
         if any(f.lower().endswith(DICOM_SUFFIXES) for f in files):
             cases.append(here)
             continue
