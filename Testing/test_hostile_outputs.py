@@ -576,3 +576,21 @@ def test_batch_runs_a_trusted_bundle_as_label_does(tmp_path):
     assert read_rows(tmp_path / "out" / "summary.csv")["scan"]["status"] == "ok"
     tags = json.loads((tmp_path / "out" / "scan.tags.json").read_text(encoding="utf-8"))
     assert tags["labelmap_file"] == "scan.seg.nrrd" and image.is_file()
+
+
+def test_overwrite_replaces_only_what_medautolabel_wrote(tmp_path):
+    """phantoms and export-bundle --overwrite: their own earlier files are replaced, the user's file stays."""
+    dataset, bundle = tmp_path / "Dataset001", tmp_path / "bundle"
+    assert run_inprocess(["phantoms", "-o", str(dataset), "-n", "1", "-q"]).status == 0
+    assert run_inprocess(["models", "export-bundle", "vessel-nerve-cta", str(bundle)]).status == 0
+    for folder in (dataset, bundle):
+        (folder / "notes.txt").write_text("keep me\n")
+    snap = Snapshot(dataset / "notes.txt", bundle / "notes.txt")
+    assert run_inprocess(["phantoms", "-o", str(dataset), "-n", "1", "-q"]).status == 2  # not without --overwrite
+    again = run_inprocess(["phantoms", "-o", str(dataset), "-n", "1", "--seed", "0", "-q", "--overwrite"])
+    assert again.status == 0, again.err
+    again = run_inprocess(["models", "export-bundle", "vessel-nerve-cta", str(bundle), "--overwrite"])
+    assert again.status == 0, again.err
+    snap.assert_unchanged()
+    assert json.loads((dataset / "dataset.json").read_text())["numTraining"] == 1
+    assert (bundle / "configs" / "medautolabel.json").is_file() and temporaries(tmp_path) == []
