@@ -20,6 +20,7 @@ Files are compared by identity (device and inode, through symlinks and hard link
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -58,7 +59,7 @@ def _input_ids(inputs: Iterable[PathLike]) -> Set[Tuple[int, int]]:
             continue
         ids.add(ident)
         if os.path.isdir(path):
-            with os.scandir(path) as entries:
+            with contextlib.suppress(OSError), os.scandir(path) as entries:  # unreadable: its reader says so
                 ids.update(i for i in (file_id(e.path) for e in entries) if i is not None)
     return ids
 
