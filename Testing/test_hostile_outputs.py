@@ -460,8 +460,9 @@ def test_label_over_the_file_size_limit(tmp_path, model_dir):
     """RLIMIT_FSIZE (ulimit -f) in a child process: the write fails with EFBIG, reported in one line."""
     image = scan(tmp_path / "in")
     snap = Snapshot(tmp_path / "in")
+    env = dict(os.environ, MEDAUTOLABEL_CPU_RUNTIME="pytorch")  # no compiled-network cache written on the way
     proc = subprocess.run([sys.executable, "-c", _FSIZE_CHILD, *label_args([image], tmp_path / "out", model_dir)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=env)
     outcome = Outcome(proc.returncode, proc.stdout.splitlines(), proc.stderr.splitlines())
     assert_refused(outcome, [str(tmp_path / "out" / "scan.")], ["file too large"], untouched=snap,
                    no_files_in=[tmp_path / "out"])
