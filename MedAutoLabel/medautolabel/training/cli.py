@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     command = "medautolabel train " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
     try:
-        if not args.resume:
+        if not args.resume and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 checks, before it writes
             check_new_folder(args.model_dir, [args.model_dir / "model.json", args.model_dir / "model.pt"],
                              [args.data], args.overwrite)
         train(args.data, args.model_dir, config=args.config, base=args.base, device=args.device,
