@@ -413,14 +413,32 @@ def test_phantoms_onto_a_full_disk_leave_no_partial_dataset(tmp_path):
         assert_refused(outcome, [str(disk / "Dataset001")], ["no space left"], no_files_in=[disk])
 
 
-def test_evaluate_onto_a_read_only_file_system(tmp_path):
-    d = eval_inputs(tmp_path)
+def read_only_run(command: str, tmp: Path, model: Path, target: Path) -> Case:
+    """``command`` writing a new folder ``target`` on a read-only file system."""
+    if command == "evaluate":
+        d = eval_inputs(tmp)
+        return Case(["evaluate", str(d["pred"]), str(d["ref"]), "-o", str(target)], [str(target)], [],
+                    [d["pred"], d["root"]])
+    if command == "batch":
+        scan(tmp / "in")
+        return Case(["batch", str(tmp / "in"), "-o", str(target), "--model", str(model), "--device", "cpu", "-q"],
+                    [str(target)], [], [tmp / "in"])
+    if command == "export-bundle":
+        return Case(["models", "export-bundle", "vessel-nerve-cta", str(target)], [str(target)], [], [])
+    if command == "phantoms":
+        return Case(["phantoms", "-o", str(target), "-n", "1", "-q"], [str(target)], [], [])
+    root = user_dataset(tmp)
+    return Case(["train", str(root), "-o", str(target), "--device", "cpu"], [str(target)], [], [root])
+
+
+@pytest.mark.parametrize("command", ["evaluate", "batch", "export-bundle", "phantoms", "train"])
+def test_new_folder_on_a_read_only_file_system(command, tmp_path, model_dir):
     with small_fs(tmp_path / "disk") as disk:
         read_only(disk)
-        snap = Snapshot(d["pred"], d["root"])
-        outcome = run_inprocess(["evaluate", str(d["pred"]), str(d["ref"]), "-o", str(disk / "report")])
-        assert_refused(outcome, [str(disk / "report")], ["read-only file system"], untouched=snap,
-                       no_files_in=[disk])
+        case = read_only_run(command, tmp_path, model_dir, disk / "new")
+        snap = Snapshot(*case.keep)
+        outcome = run_inprocess(case.args)
+        assert_refused(outcome, case.names, ["read-only file system"], untouched=snap, no_files_in=[disk])
 
 
 @contextlib.contextmanager

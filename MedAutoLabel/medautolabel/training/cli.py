@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from ..atomic import make_folder
 from ..errors import MedAutoLabelError
 from ..ownership import check_new_folder
 
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.resume and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 checks, before it writes
             check_new_folder(args.model_dir, [args.model_dir / "model.json", args.model_dir / "model.pt"],
                              [args.data], args.overwrite)
+            make_folder(args.model_dir)  # a read-only or forbidden place fails here, in one line
         train(args.data, args.model_dir, config=args.config, base=args.base, device=args.device,
               epochs=args.epochs, resume=args.resume, cache_path=args.cache, command=command,
               stop_after_epochs=args.stop_after)
