@@ -111,12 +111,16 @@ def _disk_full(folder: Path) -> bool:
 
 
 def _as_user_error(error: BaseException, targets: Sequence[Path], temps: Sequence[Path]) -> Optional[Exception]:
-    """The one-line error to raise instead of ``error`` (a system error, or a writer's error naming a temp), or None."""
+    """The one-line error to raise instead of ``error`` (a system error, or a writer's error naming a temp), or None.
+
+    It names the target whose temporary the error names; else the target whose temporary was being
+    made (``temps`` is still shorter than ``targets``); else the first.
+    """
     def target_of(name: Optional[str]) -> Path:
         for temp, target in zip(temps, targets):
             if name is not None and os.path.basename(str(name)) == temp.name:
                 return target
-        return targets[0]
+        return targets[len(temps)] if len(temps) < len(targets) else targets[0]
 
     if isinstance(error, OSError) and error.errno is not None:
         return output_error(error, target_of(error.filename))
