@@ -2,7 +2,9 @@
 
 Each input gets ``<stem>.seg.nrrd`` (or ``.nii.gz``) and ``<stem>.tags.json`` in the output folder,
 written atomically. Inputs whose outputs already exist are skipped (never rewritten) unless
-``overwrite``; one input's error is recorded and the others go on.
+``overwrite``; one input's error is recorded and the others go on. Before anything is labelled,
+every output is checked (``ownership.check_replaceable``): an output that is an input, or an
+existing file medautolabel did not write, stops the whole run, even with ``overwrite``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from .errors import Cancelled, InputError, MedAutoLabelError
 from .modelcard import ModelCard
 from .models import resolve_model
 from .outputs import output_paths, write_result
+from .ownership import check_replaceable
 
 PathLike = Union[str, Path]
 # progress(case_index, case_count, fraction_of_this_case, stage)
@@ -50,6 +53,17 @@ def check_unique_stems(inputs: Sequence[PathLike]) -> None:
         seen[stem] = Path(path)
 
 
+def check_outputs(inputs: Sequence[PathLike], out_dir: PathLike, fmt: str) -> List[List[Path]]:
+    """Each input's output paths, after refusing any that is an input or a file medautolabel did not write."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise MedAutoLabelError("is a file, not a folder", out)
+    check_unique_stems(inputs)
+    planned = [output_paths(out, case_stem(path), fmt) for path in inputs]
+    check_replaceable([p for paths in planned for p in paths], inputs, overwrite=True)
+    return planned
+
+
 def label_files(inputs: Sequence[PathLike], out_dir: PathLike, model: Union[str, Path, ModelCard] = "vessel-nerve-cta",
                 device: str = "auto", fmt: str = "seg.nrrd", overwrite: bool = False,
                 postprocess: bool = True, low_confidence_threshold: Optional[float] = None,
@@ -61,7 +75,8 @@ def label_files(inputs: Sequence[PathLike], out_dir: PathLike, model: Union[str,
     ``status`` is "ok", "skipped" (outputs already there) or "error" (``message`` says why). The model
     is resolved once and its network stays cached between cases. ``model`` may also be a MONAI
     bundle folder, run only when ``trust`` (or listed as trusted, see bundle.py). ``fail_fast``
-    re-raises the first error; ``Cancelled`` always propagates.
+    re-raises the first error; ``Cancelled`` always propagates. An output that would replace an
+    input or a file medautolabel did not write raises ``MedAutoLabelError`` before any work.
     """
     from .bundle import BundleModel, is_bundle
     from .io import read_image  # SimpleITK import deferred: `medautolabel --help` stays fast
@@ -70,12 +85,11 @@ def label_files(inputs: Sequence[PathLike], out_dir: PathLike, model: Union[str,
     bundle = BundleModel(model, device=device, trust=trust) if not isinstance(model, ModelCard) and \
         is_bundle(Path(str(model)).expanduser()) else None
     card = None if bundle else resolve_model(model)
-    check_unique_stems(inputs)
+    planned = check_outputs(inputs, out_dir, fmt)
     records: List[Dict[str, Any]] = []
     todo = []  # (index, path, stem, record) of the inputs to label
-    for index, path in enumerate(inputs):
+    for index, (path, outputs) in enumerate(zip(inputs, planned)):
         stem = case_stem(path)
-        outputs = output_paths(out_dir, stem, fmt)
         record: Dict[str, Any] = {"input": str(path), "stem": stem, "status": "ok", "message": "",
                                   "seconds": 0.0, "outputs": [str(p) for p in outputs]}
         records.append(record)

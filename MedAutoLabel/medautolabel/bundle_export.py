@@ -21,8 +21,11 @@ from typing import Any, Dict, List, Union
 
 import torch
 
+from .atomic import atomic_outputs, make_folder
+from .errors import ModelError
 from .modelcard import ModelCard
 from .models import resolve_model
+from .ownership import BUNDLE_FILES, BUNDLE_SIDECAR_FORMAT, check_new_folder
 
 SIDECAR = "medautolabel.json"
 
@@ -150,33 +153,44 @@ def metadata(card: ModelCard) -> Dict[str, Any]:
 
 def sidecar(card: ModelCard) -> Dict[str, Any]:
     """What the bundle format has no place for: colours, terminology, clean-up, thresholds."""
-    return {"format": "medautolabel-bundle-sidecar/1", "id": card.id, "modality": card.modality,
+    return {"format": BUNDLE_SIDECAR_FORMAT, "id": card.id, "modality": card.modality,
             "low_confidence_threshold": card.low_confidence_threshold,
             "labels": [{"value": lab.value, "name": lab.name, "color": list(lab.color),
                         "terminology": asdict(lab.terminology), "postprocessing": asdict(lab.postprocessing)}
                        for lab in card.labels]}
 
 
-def export_bundle(model: Union[str, Path, ModelCard], out_dir: Union[str, Path]) -> Path:
-    """Write the bundle folder; the weights become a float32 state dict at models/model.pt."""
+def export_bundle(model: Union[str, Path, ModelCard], out_dir: Union[str, Path], overwrite: bool = False) -> Path:
+    """Write the bundle folder, all files or none; the weights become a float32 state dict at models/model.pt.
+
+    ``out_dir`` must be absent or empty; with ``overwrite`` a folder holding a bundle medautolabel
+    exported before is accepted, and only that bundle's files are replaced (ownership.py).
+    """
     from .network import build_network, load_network
 
     card = resolve_model(model)
     if card.network.architecture == "TorchScript":
-        raise ValueError("TorchScript models cannot be exported as a bundle network definition")
+        raise ModelError("TorchScript models cannot be exported as a bundle network definition", card.path)
     out = Path(out_dir)
-    (out / "configs").mkdir(parents=True, exist_ok=True)
-    (out / "models").mkdir(parents=True, exist_ok=True)
-    (out / "docs").mkdir(parents=True, exist_ok=True)
+    targets = [out / name for name in BUNDLE_FILES]
+    check_new_folder(out, targets, [Path(card.path).parent] if card.path else [], overwrite)
     net = load_network(card, torch.device("cpu"))
     state = {k: v.float() if v.is_floating_point() else v for k, v in net.state_dict().items()}
     build_network(card).load_state_dict(state)  # the definition in inference.json takes these weights
-    torch.save(state, out / "models" / "model.pt")
-    for name, document in (("inference.json", inference_config(card)), ("metadata.json", metadata(card)),
-                           (SIDECAR, sidecar(card))):
-        (out / "configs" / name).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    (out / "docs" / "README.md").write_text(
-        f"# {card.name}\n\n{card.description}\n\nExported from MedAutoLabel model `{card.id}` {card.version}.\n\n"
-        "```bash\npython -m monai.bundle run --config_file configs/inference.json --bundle_root . "
-        "--dataset_dir DATA --output_dir OUT   # DATA/imagesTs/*.nii.gz\n```\n", encoding="utf-8")
+    documents = {"configs/inference.json": inference_config(card), "configs/metadata.json": metadata(card),
+                 f"configs/{SIDECAR}": sidecar(card)}
+    readme = (f"# {card.name}\n\n{card.description}\n\n"
+              f"Exported from MedAutoLabel model `{card.id}` {card.version}.\n\n"
+              "```bash\npython -m monai.bundle run --config_file configs/inference.json --bundle_root . "
+              "--dataset_dir DATA --output_dir OUT   # DATA/imagesTs/*.nii.gz\n```\n")
+    for folder in sorted({t.parent for t in targets}):
+        make_folder(folder)
+    with atomic_outputs(targets) as temps:
+        for name, temp in zip(BUNDLE_FILES, temps):
+            if name == "models/model.pt":
+                torch.save(state, temp)
+            elif name == "docs/README.md":
+                temp.write_text(readme, encoding="utf-8")
+            else:
+                temp.write_text(json.dumps(documents[name], indent=2) + "\n", encoding="utf-8")
     return out

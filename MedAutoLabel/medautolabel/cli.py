@@ -33,7 +33,8 @@ LABEL_EPILOG = """examples:
   medautolabel label scans/*.nrrd -o labels/ --model ~/models/my-model --format nii.gz
 Outputs per input: <stem>.seg.nrrd (or <stem>.nii.gz + <stem>.labels.csv) and <stem>.tags.json.
 Inputs whose outputs exist are skipped unless --overwrite. A failing input leaves no file; the
-others go on and the exit status is 2."""
+others go on and the exit status is 2. An output that would replace an input, or a file that
+medautolabel did not write, is refused before anything runs (even with --overwrite)."""
 
 
 def _bar(desc: str):
@@ -132,7 +133,7 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
 
     progress, close = _fraction_bar("phantoms", args.quiet)
     try:
-        out = write_dataset(args.output, args.n, seed=args.seed, progress=progress)
+        out = write_dataset(args.output, args.n, seed=args.seed, progress=progress, overwrite=args.overwrite)
     finally:
         close()
     print(f"wrote {args.n} phantoms (seeds {args.seed}-{args.seed + args.n - 1}) to {out}")
@@ -144,7 +145,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     from .cluster_batch import SUMMARY, find_cases, run_batch
 
-    cases = find_cases(args.input_dir)
+    cases = find_cases(args.input_dir, exclude=args.output)
     bar = tqdm(total=len(cases), desc="cases", unit="case", disable=True if args.quiet else None)
 
     def on_done(record: dict, done: int, total: int) -> None:
@@ -154,7 +155,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     try:
         records = run_batch(cases, args.output, model=args.model, device=args.device, fmt=args.format,
-                            workers=args.workers, scheduler=args.scheduler, on_done=on_done)
+                            workers=args.workers, scheduler=args.scheduler, on_done=on_done, trust=args.trust)
     finally:
         bar.close()
     counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "skipped", "error")}
@@ -224,7 +225,7 @@ def cmd_models_export_bundle(args: argparse.Namespace) -> int:
     from .bundle import bundle_sha256
     from .bundle_export import export_bundle
 
-    out = export_bundle(args.model, args.out)
+    out = export_bundle(args.model, args.out, overwrite=args.overwrite)
     print(f"wrote {out} (bundle sha256 {bundle_sha256(out)})")
     return 0
 
@@ -281,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, type=Path, help="dataset folder")
     p.add_argument("-n", type=int, default=10, help="number of phantoms (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="first seed; case c uses seed+c (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty, replacing "
+                                                            "only the dataset files medautolabel wrote there")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_phantoms)
 
@@ -300,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="seg.nrrd", choices=["seg.nrrd", "nii.gz"], help="labelmap format")
     p.add_argument("--workers", type=int, default=1, help="local worker processes (default: %(default)s)")
     p.add_argument("--scheduler", metavar="ADDRESS", help="address of a running Dask scheduler, e.g. tcp://host:8786")
+    p.add_argument("--trust", action="store_true", help="run a MONAI bundle given with --model (its configs can "
+                                                        "execute Python code); see docs/bundles.md")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_batch)
 
@@ -317,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "--output_dir O` runs on D/imagesTs/*.nii.gz.")
     q.add_argument("model", metavar="ID|PATH")
     q.add_argument("out", type=Path, metavar="DIR")
+    q.add_argument("--overwrite", action="store_true", help="replace a bundle medautolabel exported to DIR before")
     q.set_defaults(func=cmd_models_export_bundle)
 
     for name in COMMAND_MODULES:

@@ -3,8 +3,10 @@
 Each case runs ``batch.label_files`` for one input on a Dask worker (a local cluster of worker
 processes by default, or the cluster at ``scheduler``). Finished cases (both output files present)
 are skipped and never rewritten, so a killed batch is resumed by running it again (the temporaries
-a kill left behind for unfinished cases are removed first). A case that fails is recorded in the
-summary and the others go on. Workers keep their loaded network between cases.
+a kill left behind for unfinished cases go when those are written, see atomic.py). The output
+folder may lie inside the input folder: its outputs, temporaries and summary.csv are never taken
+for studies. A case that fails is recorded in the summary and the others go on. Workers keep their
+loaded network between cases.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
-from .atomic import atomic_output, leftover_temps
-from .batch import case_stem, check_unique_stems
+from .atomic import atomic_output, make_folder
+from .batch import case_stem, check_outputs
 from .errors import InputError, MedAutoLabelError
 from .outputs import output_paths
+from .ownership import check_replaceable, file_id, is_ours
 
 PathLike = Union[str, Path]
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -27,21 +30,27 @@ DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 SUMMARY = "summary.csv"
 
 
-def find_cases(input_dir: PathLike) -> List[Path]:
-    """Image files (by extension, any depth) and DICOM series folders (folders holding .dcm files) under ``input_dir``."""
+def find_cases(input_dir: PathLike, exclude: Optional[PathLike] = None) -> List[Path]:
+    """Image files (by extension, any depth) and DICOM series folders (folders holding .dcm files) under ``input_dir``.
+
+    Never a study: the folder ``exclude`` (the output folder, when it lies inside ``input_dir``) and
+    what is in it, hidden files (temporaries), segmentations and files medautolabel wrote.
+    """
     root = Path(input_dir)
     if not root.is_dir():
         raise InputError("not a folder", root)
+    skip = file_id(exclude) if exclude is not None else None
     cases: List[Path] = []
     for folder, dirs, files in os.walk(root):
-        dirs.sort()
         here = Path(folder)
+        dirs[:] = sorted(d for d in dirs if skip is None or file_id(here / d) != skip)  # not into the outputs
         if any(f.lower().endswith(DICOM_SUFFIXES) for f in files):
             cases.append(here)
             continue
         for name in sorted(files):
             low = name.lower()
-            if low.endswith(IMAGE_SUFFIXES) and not low.endswith(".seg.nrrd") and not name.startswith("."):
+            if low.endswith(IMAGE_SUFFIXES) and not low.endswith(".seg.nrrd") and not name.startswith(".") \
+                    and not is_ours(here / name):
                 cases.append(here / name)
     if not cases:
         raise InputError("no images found (NIfTI, NRRD, MetaImage files or DICOM series folders)", root)
@@ -60,15 +69,16 @@ def _facts_from_tags(case: Path, out_dir: Path, fmt: str) -> Dict[str, Any]:
         return {}
 
 
-def label_case(path: str, out_dir: str, model: str, device: str, fmt: str, threads: int) -> Dict[str, Any]:
-    """Label one case on a worker: the task Dask runs (also callable directly)."""
+def label_case(path: str, out_dir: str, model: str, device: str, fmt: str, threads: int,
+               trust: bool = False) -> Dict[str, Any]:
+    """Label one case on a worker: the task Dask runs (also callable directly); ``trust`` runs a bundle."""
     import torch
 
     from .batch import label_files
 
     if threads > 0 and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    record = label_files([path], out_dir, model=model, device=device, fmt=fmt)[0]
+    record = label_files([path], out_dir, model=model, device=device, fmt=fmt, trust=trust)[0]
     try:
         from distributed import get_worker
 
@@ -76,6 +86,17 @@ def label_case(path: str, out_dir: str, model: str, device: str, fmt: str, threa
     except (ImportError, ValueError):
         record["worker"] = "local"
     return record
+
+
+def check_model(model_ref: str, device: str = "auto", trust: bool = False) -> None:
+    """Fail now, in one line, on a model the workers could not run: unknown, broken, or an untrusted bundle."""
+    from .bundle import BundleModel, is_bundle
+    from .models import resolve_model
+
+    if is_bundle(Path(model_ref)):
+        BundleModel(model_ref, device=device, trust=trust)
+    else:
+        resolve_model(model_ref)
 
 
 def _client(workers: int, scheduler: Optional[str]):
@@ -94,16 +115,21 @@ def _client(workers: int, scheduler: Optional[str]):
 def run_batch(cases: Sequence[PathLike], out_dir: PathLike, model: str = "vessel-nerve-cta", device: str = "auto",
               fmt: str = "seg.nrrd", workers: int = 1, scheduler: Optional[str] = None,
               threads_per_worker: Optional[int] = None,
-              on_done: Optional[Callable[[Dict[str, Any], int, int], None]] = None) -> List[Dict[str, Any]]:
-    """Label ``cases`` into ``out_dir`` on Dask; write ``out_dir/summary.csv``; return one record per case."""
-    from .models import resolve_model
+              on_done: Optional[Callable[[Dict[str, Any], int, int], None]] = None,
+              trust: bool = False) -> List[Dict[str, Any]]:
+    """Label ``cases`` into ``out_dir`` on Dask; write ``out_dir/summary.csv``; return one record per case.
 
+    ``model`` is a model id, a model folder or a MONAI bundle folder (run only when ``trust``, as
+    ``label --trust`` does). Outputs that are inputs or files medautolabel did not write are
+    refused before anything runs.
+    """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = [Path(c) for c in cases]
-    check_unique_stems(paths)
+    check_outputs(paths, out, fmt)
+    check_replaceable([out / SUMMARY], paths, overwrite=True)
     model_ref = str(Path(model).resolve()) if Path(model).exists() else str(model)  # workers may run elsewhere
-    resolve_model(model_ref)  # a bad model fails here, once, before any cluster starts
+    check_model(model_ref, device, trust)  # a bad model fails here, once, before any cluster starts
+    make_folder(out)
     threads = threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, workers))
 
     records: Dict[Path, Dict[str, Any]] = {}
@@ -114,18 +140,15 @@ def run_batch(cases: Sequence[PathLike], out_dir: PathLike, model: str = "vessel
                           "message": "outputs already exist", "seconds": 0.0, "worker": "",
                           "facts": _facts_from_tags(p, out, fmt)}
         else:
-            todo.append(p)
-            for target in output_paths(out, case_stem(p), fmt):  # debris of a killed run, rewritten now anyway
-                for temp in leftover_temps(target):
-                    temp.unlink(missing_ok=True)
+            todo.append(p)  # the temporaries a killed run left for it go when it is written (atomic.py)
     done = len(records)
     if todo:
         client, cluster = _client(workers, scheduler)
         from distributed import as_completed
 
         try:
-            futures = {client.submit(label_case, str(p), str(out), model_ref, device, fmt, threads, pure=False): p
-                       for p in todo}
+            futures = {client.submit(label_case, str(p), str(out), model_ref, device, fmt, threads, trust,
+                                     pure=False): p for p in todo}
             for future in as_completed(futures):
                 p = futures[future]
                 try:

@@ -19,16 +19,16 @@ from typing import Any, List, Sequence, Union
 import numpy as np
 
 from . import __version__
-from .atomic import atomic_outputs
+from .atomic import atomic_outputs, make_folder
 from .errors import MedAutoLabelError
 from .io import write_image
+from .ownership import TAGS_FORMAT
 from .result import Result, SegmentInfo
 from .segnrrd import labelmap_uint8, write_seg_nrrd
 from .terminology import terminology_entry
 
 PathLike = Union[str, Path]
 FORMATS = ("seg.nrrd", "nii.gz")
-TAGS_FORMAT = "medautolabel-tags/1"
 
 
 def output_paths(out_dir: PathLike, stem: str, fmt: str = "seg.nrrd") -> List[Path]:
@@ -45,7 +45,7 @@ def output_paths(out_dir: PathLike, stem: str, fmt: str = "seg.nrrd") -> List[Pa
 def write_result(result: Result, out_dir: PathLike, stem: str, fmt: str = "seg.nrrd") -> List[Path]:
     """Write ``result`` as ``fmt`` plus ``<stem>.tags.json`` into ``out_dir``; return the paths."""
     paths = output_paths(out_dir, stem, fmt)
-    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    make_folder(paths[0].parent)
     try:
         labelmap = result.labelmap.with_array(labelmap_uint8(result.labelmap, result.segments))
     except ValueError as e:

@@ -528,39 +528,45 @@ def training_grid(size: int = 96, spacing: float = 0.8) -> Tuple[Tuple[int, int,
 
 
 def write_dataset(out_dir, n: int, seed: int = 0,
-                  progress: Optional[Callable[[float, str], None]] = None) -> Path:
-    """Write ``n`` phantoms as an MSD-style dataset (imagesTr/, labelsTr/, dataset.json)."""
+                  progress: Optional[Callable[[float, str], None]] = None, overwrite: bool = False) -> Path:
+    """Write ``n`` phantoms as an MSD-style dataset (imagesTr/, labelsTr/, dataset.json), all files or none.
+
+    ``out_dir`` must be absent or empty; with ``overwrite`` a folder holding a phantom dataset is
+    accepted, and only the files medautolabel wrote there are replaced (ownership.py).
+    """
+    from .atomic import atomic_outputs, make_folder
     from .io import write_image  # late import: io pulls SimpleITK
+    from .ownership import PHANTOMS_REFERENCE, check_new_folder
 
     out = Path(out_dir)
-    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    names = [f"phantom_{seed + c:07d}.nii.gz" for c in range(n)]
+    targets = [out / sub / name for name in names for sub in ("imagesTr", "labelsTr")] + [out / "dataset.json"]
+    check_new_folder(out, targets, overwrite=overwrite)
+    make_folder(out / "imagesTr")
+    make_folder(out / "labelsTr")
     training = []
-    for c in range(n):
-        case_seed = seed + c
-        ph = make_phantom(case_seed)
-        name = f"phantom_{case_seed:07d}"
-        write_image(ph.image, out / "imagesTr" / f"{name}.nii.gz")
-        write_image(ph.labels, out / "labelsTr" / f"{name}.nii.gz")
-        training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz",
-                         "seed": case_seed, "classes": {"aneurysm": "present" if ph.aneurysm else "absent"}})
-        if progress:
-            progress((c + 1) / n, f"phantom {c + 1}/{n}")
-    dataset = {
-        "name": "MedAutoLabel CTA phantoms",
-        "description": "Synthetic CT-angiography-like volumes (HU) with vessel and nerve labels",
-        "reference": "medautolabel.phantoms",
-        "licence": "CC0-1.0",
-        "tensorImageSize": "3D",
-        "modality": {"0": "CT"},
-        "labels": {str(k): v for k, v in LABEL_NAMES.items()},
-        "classes": {"aneurysm": ["absent", "present"]},
-        "numTraining": n,
-        "numTest": 0,
-        "training": training,
-        "test": [],
-    }
-    tmp = out / ".dataset.json.tmp"
-    tmp.write_text(json.dumps(dataset, indent=2))
-    tmp.replace(out / "dataset.json")
+    with atomic_outputs(targets) as temps:
+        for c, name in enumerate(names):
+            ph = make_phantom(seed + c)
+            write_image(ph.image, temps[2 * c], atomic=False)
+            write_image(ph.labels, temps[2 * c + 1], atomic=False)
+            training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}",
+                             "seed": seed + c, "classes": {"aneurysm": "present" if ph.aneurysm else "absent"}})
+            if progress:
+                progress((c + 1) / n, f"phantom {c + 1}/{n}")
+        dataset = {
+            "name": "MedAutoLabel CTA phantoms",
+            "description": "Synthetic CT-angiography-like volumes (HU) with vessel and nerve labels",
+            "reference": PHANTOMS_REFERENCE,
+            "licence": "CC0-1.0",
+            "tensorImageSize": "3D",
+            "modality": {"0": "CT"},
+            "labels": {str(k): v for k, v in LABEL_NAMES.items()},
+            "classes": {"aneurysm": ["absent", "present"]},
+            "numTraining": n,
+            "numTest": 0,
+            "training": training,
+            "test": [],
+        }
+        temps[-1].write_text(json.dumps(dataset, indent=2), encoding="utf-8")
     return out

@@ -15,14 +15,18 @@ EPILOG = """examples:
   medautolabel evaluate labels/case01.seg.nrrd refs/case01.nii.gz -o report/
   medautolabel evaluate --model vessel-nerve-cta --images Dataset001/imagesTr Dataset001/labelsTr -o report/
 Pairs files by case name (extensions and an MSD _0000 suffix ignored). Classes are read from the
-predictions' <case>.tags.json and the references' dataset.json. See docs/evaluation.md."""
+predictions' <case>.tags.json and the references' dataset.json. REPORT_DIR must be new or empty
+(or hold an earlier report, with --overwrite); it is never an input. See docs/evaluation.md."""
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..ownership import REPORT_FILES, check_new_folder
     from .evaluate import evaluate_cases, write_report
 
     command = "medautolabel evaluate " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
     try:
+        inputs = [*args.paths, *([args.images] if args.images else [])]
+        check_new_folder(args.output, [args.output / name for name in REPORT_FILES], inputs, args.overwrite)
         if args.model:
             if len(args.paths) != 1 or not args.images:
                 raise MedAutoLabelError("with --model give --images DIR and one REF folder")
@@ -64,6 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="predict first with this model (id or folder), from --images")
     p.add_argument("--images", type=Path, help="images to predict (with --model)")
     p.add_argument("--device", default="auto", help="device for --model (auto, cpu, cuda, mps)")
+    p.add_argument("--overwrite", action="store_true", help="write into a REPORT_DIR that is not empty, replacing "
+                                                            "only a report medautolabel wrote there")
 
 
 def register(subparsers) -> argparse.ArgumentParser:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Union
 
 from .. import __version__
+from ..atomic import atomic_outputs, make_folder
 from ..image import Image
+from ..ownership import EVALUATION_FORMAT, REPORT_FILES, check_replaceable
 from .align import to_reference_grid
 from .metrics import classification_metrics, segment_metrics
 from .pairing import pair_cases, predicted_classes, read_labelmap, reference_classes
@@ -56,7 +56,7 @@ def evaluate_cases(pred: PathLike, ref: PathLike) -> Dict[str, Any]:
                 classes[task] = [absent, present]
                 truth.setdefault(task, []).append(label == present)
                 scores.setdefault(task, []).append(float(probs[task][present]))
-    summary: Dict[str, Any] = {"format": "medautolabel-evaluation/1", "medautolabel_version": __version__,
+    summary: Dict[str, Any] = {"format": EVALUATION_FORMAT, "medautolabel_version": __version__,
                                "cases": cases, "not_predicted": missing, "segmentation": summarise(rows),
                                "classification": {}}
     for task in truth:
@@ -75,19 +75,18 @@ def _class_order(task: str, probabilities: Dict[str, float]):
 
 
 def write_report(evaluation: Dict[str, Any], report_dir: PathLike, command: str = "") -> Path:
-    """Write metrics.csv, summary.json and report.html into ``report_dir`` all at once (temp folder, rename)."""
+    """Write metrics.csv, summary.json and report.html into ``report_dir``, all three or none.
+
+    Only these three files are written; an existing one is replaced only when medautolabel wrote
+    it (ownership.py), and nothing else in ``report_dir`` is touched.
+    """
     target = Path(report_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".~medautolabel-report-", dir=str(target.parent)))
-    try:
-        summary = dict(evaluation["summary"], command=command)
-        write_csv(evaluation["rows"], tmp / "metrics.csv")
-        write_summary(summary, tmp / "summary.json")
-        write_html(evaluation["rows"], summary, tmp / "report.html")
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    files = [target / name for name in REPORT_FILES]
+    check_replaceable(files, overwrite=True)
+    make_folder(target)
+    summary = dict(evaluation["summary"], command=command)
+    with atomic_outputs(files) as temps:
+        write_csv(evaluation["rows"], temps[0])
+        write_summary(summary, temps[1])
+        write_html(evaluation["rows"], summary, temps[2])
     return target

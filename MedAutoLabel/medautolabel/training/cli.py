@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
 from typing import List, Optional
 
+from ..atomic import make_folder
 from ..errors import MedAutoLabelError
+from ..ownership import check_new_folder
 
 EPILOG = """examples:
   medautolabel train Dataset001 -o models/my-model
@@ -32,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--epochs", type=int, help="number of epochs (overrides the config)")
     p.add_argument("--resume", action="store_true", help="continue the run in MODEL_DIR from its last saved epoch")
+    p.add_argument("--overwrite", action="store_true", help="train into a MODEL_DIR that is not empty, replacing "
+                                                            "only a model medautolabel trained there")
     p.add_argument("--cache", type=Path, help="HDF5 cache file of preprocessed cases (default: in the user cache "
                                               "folder, one per dataset)")
     p.add_argument("--stop-after", type=int, metavar="N", help=argparse.SUPPRESS)  # tests: stop as if killed
@@ -43,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
 
     command = "medautolabel train " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
     try:
+        if not args.resume and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 checks, before it writes
+            check_new_folder(args.model_dir, [args.model_dir / "model.json", args.model_dir / "model.pt"],
+                             [args.data], args.overwrite)
+            make_folder(args.model_dir)  # a read-only or forbidden place fails here, in one line
         train(args.data, args.model_dir, config=args.config, base=args.base, device=args.device,
               epochs=args.epochs, resume=args.resume, cache_path=args.cache, command=command,
               stop_after_epochs=args.stop_after)

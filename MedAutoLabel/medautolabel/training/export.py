@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,20 +235,21 @@ def state_sha256(state: Dict[str, torch.Tensor]) -> str:
 
 
 def write_model(model_dir: Path, card: Dict[str, Any], state: Dict[str, torch.Tensor]) -> Path:
-    """Write ``model.pt`` (float32 state dict) and ``model.json`` (with its sha256), each atomically."""
+    """Write the weights (float32 state dict) and ``model.json`` (with their sha256) as one unit: both or neither.
+
+    A reader never sees a card whose sha256 does not match the weights beside it.
+    """
+    from ..atomic import atomic_outputs, make_folder
     from ..network import file_sha256
 
-    model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = model_dir / ".model.pt.tmp"
-    torch.save({k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
-                for k, v in state.items()}, tmp)
+    make_folder(model_dir)
     card = copy.deepcopy(card)
-    card["network"]["sha256"] = file_sha256(tmp)
-    os.replace(tmp, model_dir / card["network"]["weights"])
-    ModelCard.from_dict(card, model_dir / "model.json")
-    tmp_json = model_dir / ".model.json.tmp"
-    tmp_json.write_text(json.dumps(card, indent=2, default=_json_default), encoding="utf-8")
-    os.replace(tmp_json, model_dir / "model.json")
+    with atomic_outputs([model_dir / card["network"]["weights"], model_dir / "model.json"]) as (weights, card_file):
+        torch.save({k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
+                    for k, v in state.items()}, weights)
+        card["network"]["sha256"] = file_sha256(weights)
+        ModelCard.from_dict(card, model_dir / "model.json")
+        card_file.write_text(json.dumps(card, indent=2, default=_json_default), encoding="utf-8")
     return model_dir / "model.json"
 
 
