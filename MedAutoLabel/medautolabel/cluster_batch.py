@@ -13,6 +13,8 @@ import csv
 import io as _io
 import json
 import os
+import signal
+import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -78,6 +80,30 @@ def label_case(path: str, out_dir: str, model: str, device: str, fmt: str, threa
     return record
 
 
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when the process that started it ends (Linux ``prctl``).
+
+    Dask's worker already exits when its parent's pipe closes, but only once one of its threads can
+    take the GIL; a worker busy in a long native call would live on as an orphan, finish its case
+    and write outputs after the batch was killed. Elsewhere this does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import multiprocessing
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    parent = multiprocessing.parent_process()
+    if parent is not None and parent.pid != os.getppid():  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def dask_setup(worker: Any) -> None:
+    """Dask preload hook (``preload=["medautolabel.cluster_batch"]``): runs in each local worker at start."""
+    die_with_parent()
+
+
 def _client(workers: int, scheduler: Optional[str]):
     try:
         from distributed import Client, LocalCluster
@@ -87,7 +113,7 @@ def _client(workers: int, scheduler: Optional[str]):
     if scheduler:
         return Client(scheduler), None
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                           silence_logs=40)
+                           silence_logs=40, preload=[__name__])
     return Client(cluster), cluster
 
 
