@@ -10,6 +10,7 @@ line breaks and tabs become one space, so one value stays one line and injects n
 from __future__ import annotations
 
 import re
+from typing import Any, Dict, Sequence
 
 # ESC-introduced sequences: CSI (ESC [ ... final), OSC/DCS/SOS/PM/APC strings (up to BEL or ESC \),
 # and two-character escapes (ESC + one char); then the 8-bit CSI/OSC forms.
@@ -36,3 +37,15 @@ def printable(text: object) -> str:
 def is_printable(text: str) -> bool:
     """True when ``printable`` would leave ``text`` as it is."""
     return printable(text) == text
+
+
+def printable_lines(text: object) -> str:
+    """Like ``printable`` for text whose line structure matters (a traceback, a log): each line made
+    inert, the lines kept apart by ``\\n``."""
+    return "\n".join(printable(line) for line in str(text).splitlines())
+
+
+def printable_fields(message: Dict[str, Any], multiline: Sequence[str] = ("details",)) -> Dict[str, Any]:
+    """A copy of a JSON message whose string values are inert (``multiline`` keys keep their lines)."""
+    return {key: (printable_lines(value) if key in multiline else printable(value)) if isinstance(value, str)
+            else value for key, value in message.items()}
