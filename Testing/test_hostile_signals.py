@@ -444,40 +444,99 @@ def running(pid: int) -> bool:
         return False
 
 
-@pytest.mark.slow
-def test_a_sigkilled_batch_leaves_no_worker_and_its_rerun_finishes_the_rest(model_dir, tmp_path):
-    pytest.importorskip("distributed")
+def studies_with_labels_inside(tmp_path: Path, n: int = 4):
+    """(studies folder, its output folder inside it, batch arguments, snapshot of the inputs)."""
     studies = tmp_path / "studies"
     studies.mkdir()
-    for c in range(4):
+    for c in range(n):
         write_image(sphere_image(center=CENTER + np.array([c - 1.5, 0.0, 0.0])), studies / f"case{c}.nii.gz")
-    out = studies / "labels"  # the output folder inside the input folder
-    snap = Snapshot(*sorted(studies.glob("*.nii.gz")))
-    args = ["batch", str(studies), "-o", str(out), "--model", str(model_dir), "--device", "cpu", "--workers", "2",
-            "-q"]
-    proc = subprocess.Popen([sys.executable, "-m", "medautolabel", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=process_env())
-    wait_for(lambda: any(out.glob("case*.tags.json")), proc, "the first output", seconds=240)
-    family = descendants(proc.pid)
-    workers = [p for p in family if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
-    assert workers, family
-    for pid in workers:  # stopped workers cannot notice their parent's pipe closing: only the kernel ends them
-        os.kill(pid, signal.SIGSTOP)
-    done = {p.name[:-len(".tags.json")] for p in out.glob("case*.tags.json")}  # both files renamed
-    finished = {p.name: p.stat().st_mtime_ns for p in out.glob("case*") if p.name.split(".")[0] in done}
-    proc.kill()
-    proc.wait(timeout=30)
-    deadline = time.monotonic() + 60
-    while any(running(p) for p in family):
-        assert time.monotonic() < deadline, [p for p in family if running(p)]
-        time.sleep(0.05)
+    out = studies / "labels"
+    return studies, out, Snapshot(*sorted(studies.glob("*.nii.gz")))
 
+
+def batch_args(studies: Path, out: Path, model_dir: Path) -> List[str]:
+    return ["batch", str(studies), "-o", str(out), "--model", str(model_dir), "--device", "cpu", "--workers", "2",
+            "-q"]
+
+
+def start_batch(args: List[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "medautolabel", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=process_env())
+
+
+def workers_of(proc: subprocess.Popen) -> List[int]:
+    return [p for p in descendants(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+
+
+def finished_outputs(out: Path) -> Dict[str, int]:
+    """mtime of each output of the cases whose outputs are both in place."""
+    done = {p.name[:-len(".tags.json")] for p in out.glob("case*.tags.json")}
+    return {p.name: p.stat().st_mtime_ns for p in out.glob("case*") if p.name.split(".")[0] in done}
+
+
+def assert_rerun_finishes(args: List[str], studies: Path, out: Path, finished: Dict[str, int], snap: Snapshot,
+                          n: int = 4) -> None:
     rerun = run_process(args)
     assert rerun.status == 0, rerun.err[-20:]
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted([f"case{c}.{ext}" for c in range(4) for ext in ("seg.nrrd", "tags.json")]
+    assert names == sorted([f"case{c}.{ext}" for c in range(n) for ext in ("seg.nrrd", "tags.json")]
                            + ["summary.csv"]), names
     for name, mtime in finished.items():
         assert (out / name).stat().st_mtime_ns == mtime  # finished outputs never rewritten
     assert temporaries(studies) == []
     snap.assert_unchanged()
+
+
+def assert_all_end(family: List[int]) -> None:
+    """Wait (with a deadline) until no process of ``family`` runs; kill what is left if any did not end."""
+    deadline = time.monotonic() + 60
+    try:
+        while any(running(p) for p in family):
+            assert time.monotonic() < deadline, [p for p in family if running(p)]
+            time.sleep(0.05)
+    finally:
+        for pid in family:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["workers-starting", "first-output"])
+def test_a_sigkilled_batch_leaves_no_worker_and_its_rerun_finishes_the_rest(moment, model_dir, tmp_path):
+    pytest.importorskip("distributed")
+    studies, out, snap = studies_with_labels_inside(tmp_path)
+    args = batch_args(studies, out, model_dir)
+    proc = start_batch(args)
+    if moment == "first-output":
+        wait_for(lambda: any(out.glob("case*.tags.json")), proc, "the first output", seconds=240)
+    else:
+        wait_for(lambda: len(workers_of(proc)) == 2, proc, "two workers", seconds=240)
+    family = descendants(proc.pid)
+    workers = workers_of(proc)
+    assert workers, family
+    if moment == "first-output":  # they have run a case, so their start-up is over: stop them, so that they
+        for pid in workers:       # cannot notice their parent's pipe closing: only the kernel can end them
+            os.kill(pid, signal.SIGSTOP)
+    finished = finished_outputs(out)
+    proc.kill()
+    proc.wait(timeout=30)
+    assert_all_end(family)
+    assert_rerun_finishes(args, studies, out, finished, snap)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_a_signalled_batch_ends_with_one_line_and_no_temporary(signum, model_dir, tmp_path):
+    pytest.importorskip("distributed")
+    studies, out, snap = studies_with_labels_inside(tmp_path)
+    args = batch_args(studies, out, model_dir)
+    proc = start_batch(args)
+    wait_for(lambda: any(out.glob("case*.tags.json")), proc, "the first output", seconds=240)
+    family = descendants(proc.pid)
+    proc.send_signal(signum)
+    outcome = finish(proc)
+    interrupted = signum == signal.SIGINT
+    assert_refused(outcome, [], ["interrupted" if interrupted else "terminated"], untouched=snap,
+                   no_temps_in=[studies], status=130 if interrupted else 143)
+    assert_all_end(family)
+    assert_rerun_finishes(args, studies, out, finished_outputs(out), snap)

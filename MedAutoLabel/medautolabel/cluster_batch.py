@@ -12,9 +12,11 @@ from __future__ import annotations
 import csv
 import io as _io
 import json
+import logging
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -60,6 +62,13 @@ def _facts_from_tags(case: Path, out_dir: Path, fmt: str) -> Dict[str, Any]:
         return json.loads(tags.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+
+
+def remove_temps(case: Path, out_dir: Path, fmt: str) -> None:
+    """Remove the temporaries a killed or stopped worker left beside ``case``'s outputs."""
+    for target in output_paths(out_dir, case_stem(case), fmt):
+        for temp in leftover_temps(target):
+            temp.unlink(missing_ok=True)
 
 
 def label_case(path: str, out_dir: str, model: str, device: str, fmt: str, threads: int) -> Dict[str, Any]:
@@ -112,8 +121,10 @@ def _client(workers: int, scheduler: Optional[str]):
 
     if scheduler:
         return Client(scheduler), None
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                           silence_logs=40, preload=[__name__])
+    with warnings.catch_warnings():  # a second batch on this machine: its scheduler's HTTP port moves, silently
+        warnings.filterwarnings("ignore", message="Port .* is already in use")
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                               silence_logs=40, preload=[__name__])
     return Client(cluster), cluster
 
 
@@ -141,9 +152,7 @@ def run_batch(cases: Sequence[PathLike], out_dir: PathLike, model: str = "vessel
                           "facts": _facts_from_tags(p, out, fmt)}
         else:
             todo.append(p)
-            for target in output_paths(out, case_stem(p), fmt):  # debris of a killed run, rewritten now anyway
-                for temp in leftover_temps(target):
-                    temp.unlink(missing_ok=True)
+            remove_temps(p, out, fmt)  # debris of a killed run, rewritten now anyway
     done = len(records)
     if todo:
         client, cluster = _client(workers, scheduler)
@@ -162,10 +171,15 @@ def run_batch(cases: Sequence[PathLike], out_dir: PathLike, model: str = "vessel
                 done += 1
                 if on_done is not None:
                     on_done(records[p], done, len(paths))
+        except BaseException:  # interrupted: the command says so in one line; Dask's shutdown complaints stay quiet
+            logging.getLogger("distributed").setLevel(logging.CRITICAL)
+            raise
         finally:
             client.close()
             if cluster is not None:
-                cluster.close()
+                cluster.close()  # its workers have ended: what an interrupted one was writing goes too
+                for p in todo:
+                    remove_temps(p, out, fmt)
     ordered = [records[p] for p in paths]
     write_summary(ordered, out / SUMMARY)
     return ordered
