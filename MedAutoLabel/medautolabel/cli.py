@@ -384,10 +384,10 @@ def run() -> None:
     end the process without running any ``finally``, leaving ``.~medautolabel-*`` temporaries behind.
     Once ``main`` has returned they are ignored, so the exit's own work is not interrupted.
 
-    At exit CPython's last garbage collection walks every object torch and MONAI created: 0.42 s of
-    a 0.57 s exit on a 2-core CPU (measured). ``gc.freeze()`` leaves them to the operating system;
-    atexit handlers (logging's flush) still run, and every file medautolabel writes is closed before
-    ``main`` returns. Only for a process of its own: in-process callers use ``main``.
+    At exit CPython's last garbage collection walks every object torch and MONAI created, most of the
+    exit's time. ``gc.freeze()`` leaves them to the operating system; atexit handlers (logging's
+    flush) still run, and every file medautolabel writes is closed before ``main`` returns. Only for
+    a process of its own: in-process callers use ``main``.
     """
     for s in STOP_SIGNALS:
         signal.signal(s, _stop)

@@ -67,8 +67,8 @@ def _checked_uint8(labelmap: Image, segments: Sequence[SegmentInfo]) -> Tuple[np
     """The labelmap's voxels as uint8 and the tight box of each value present, after checking every
     non-zero value belongs to a segment.
 
-    One pass of ``ndimage.find_objects`` gives both: 0.1 s for a CT-sized labelmap, where a
-    histogram of the values and one box per segment took 0.25 s (measured).
+    One pass of ``ndimage.find_objects`` gives both, faster than a histogram of the values and one
+    box per segment.
     """
     from scipy import ndimage
 
