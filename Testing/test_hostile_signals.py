@@ -246,6 +246,52 @@ def test_a_hostile_model_id_gives_one_inert_error_line(tmp_path):
     assert_refused(outcome, ["nope"], [], no_temps_in=[tmp_path], no_files_in=[tmp_path / "out"])
 
 
+def test_the_html_report_escapes_and_strips_names(tmp_path):
+    from medautolabel.evaluation.report import summarise, write_html
+
+    row = {"case": "c1<script>alert(1)</script>\x1b[2J", "label": 1, "name": "Vessel\x1b]0;x\x07<b>\u202e",
+           "dice": 0.9, "hd95_mm": 1.0, "msd_mm": 0.5, "volume_pred_ml": 1.0, "volume_ref_ml": 1.1,
+           "volume_diff_ml": -0.1, "volume_diff_percent": -9.0, "resampled": False}
+    path = tmp_path / "report.html"
+    write_html([row], {"segmentation": summarise([row]), "cases": ["c1"]}, path)
+    page = path.read_text(encoding="utf-8")
+    assert "<script>" not in page and "<b>" not in page and "&lt;script&gt;" in page and "Vessel" in page
+    assert printable(page.replace("\n", " ")) == page.replace("\n", " ")
+
+
+def test_the_slicer_worker_sends_inert_messages(model_dir, tmp_path):
+    import io
+
+    from MedAutoLabelLib.worker import handle
+
+    stream = io.StringIO()
+    handle({"id": 7, "image": str(tmp_path / f"scan{ESC_CLEAR}\n.nii.gz"), "output": str(tmp_path / "out"),
+            "model": str(model_dir), "device": "cpu"}, stream)
+    message = json.loads(stream.getvalue().splitlines()[-1])
+    assert message["event"] == "error" and "scan .nii.gz" in message["message"], message
+    assert printable(message["message"]) == message["message"]
+
+
+def test_the_runner_makes_what_a_worker_sends_inert(tmp_path):
+    from MedAutoLabelLib.runner import WorkerProcess
+
+    script = tmp_path / "noisy_worker.py"
+    script.write_text("import json, sys\n"
+                      "sys.stderr.write('warning \\x1b[2J\\x1b[H cleared\\n'); sys.stderr.flush()\n"
+                      "print(json.dumps({'event': 'error', 'message': 'bad\\x1b]0;title\\x07 name\\nline',"
+                      " 'details': 'one\\x1b[31m\\ntwo'}))\n")
+    worker = WorkerProcess(sys.executable, script=script)
+    first = worker.messages.get(timeout=60)
+    assert worker.messages.get(timeout=60)["event"] == "exit"
+    assert first == {"event": "error", "message": "bad name line", "details": "one\ntwo"}
+    worker.proc.wait(timeout=60)
+    deadline = time.monotonic() + 60
+    while not worker.stderr:  # its stderr reader thread has the line once the pipe is drained
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert list(worker.stderr) == ["warning  cleared"]
+
+
 # --- bundle trust ----------------------------------------------------------------------------------
 
 def bundle(folder: Path, *, imports=(), network=None, extra: Dict[str, str] = None) -> Path:
