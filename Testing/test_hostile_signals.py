@@ -351,14 +351,14 @@ def _imports_outside(tmp_path, monkeypatch):
     outside_module(tmp_path, monkeypatch)
     b = bundle(tmp_path / "b", imports=["$import helperlib"])
     trust(tmp_path, monkeypatch, bundle_sha256(b))
-    return b, ["imports module helperlib", "outside the bundle"]
+    return b, ["module helperlib", "outside the bundle"]
 
 
 def _target_outside(tmp_path, monkeypatch):
     outside_module(tmp_path, monkeypatch)
     b = bundle(tmp_path / "b", network={"_target_": "helperlib.Net"})
     trust(tmp_path, monkeypatch, bundle_sha256(b))
-    return b, ["imports module helperlib", "outside the bundle"]
+    return b, ["module helperlib", "outside the bundle"]
 
 
 def _adds_sys_path(tmp_path, monkeypatch):
@@ -367,9 +367,17 @@ def _adds_sys_path(tmp_path, monkeypatch):
     return b, ["sys.path", "outside the bundle"]
 
 
+def _macro_outside(tmp_path, monkeypatch):
+    (tmp_path / "other.json").write_text(json.dumps({"net": {"_target_": "UNet"}}))
+    b = bundle(tmp_path / "b", network=f"%{tmp_path / 'other.json'}#net")
+    trust(tmp_path, monkeypatch, bundle_sha256(b))
+    return b, ["config file", "other.json", "outside the bundle"]
+
+
 BUNDLE_CASES = {"bundle-code-changed-after-trust": _changed_code, "bundle-file-added-after-trust": _added_file,
                 "bundle-symlink-leaves-the-bundle": _link_outside, "bundle-imports-code-from-outside": _imports_outside,
-                "bundle-target-from-outside": _target_outside, "bundle-adds-a-sys-path-entry": _adds_sys_path}
+                "bundle-target-from-outside": _target_outside, "bundle-adds-a-sys-path-entry": _adds_sys_path,
+                "bundle-macro-reads-a-config-from-outside": _macro_outside}
 
 
 @pytest.mark.parametrize("case", list(BUNDLE_CASES), ids=list(BUNDLE_CASES))

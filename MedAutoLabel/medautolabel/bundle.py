@@ -112,7 +112,8 @@ _BUNDLE_ROOT_ON_PATH = re.compile(r"^\$\s*sys\.path\.(?:insert\(\s*\d+\s*,|appen
 
 
 def _walk_config(node: Any) -> Iterator[Tuple[str, str]]:
-    """("target", dotted name) for each ``_target_`` and ("expr", text) for each ``$`` expression."""
+    """("target", dotted name) for each ``_target_``, ("expr", text) for each ``$`` expression and
+    ("macro", text) for each ``%file#id`` macro (which reads another config file)."""
     if isinstance(node, dict):
         for key, value in node.items():
             if key == "_target_" and isinstance(value, str) and not value.startswith(("$", "@", "%")):
@@ -124,6 +125,8 @@ def _walk_config(node: Any) -> Iterator[Tuple[str, str]]:
             yield from _walk_config(value)
     elif isinstance(node, str) and node.startswith("$"):
         yield "expr", node
+    elif isinstance(node, str) and node.startswith("%"):
+        yield "macro", node
 
 
 def _imported_modules(expression: str) -> List[str]:
@@ -187,6 +190,11 @@ def outside_code(folder: Path, config: Any) -> List[Tuple[str, Optional[Path]]]:
         if kind == "target":
             if "." in text:
                 modules.append(text.split(".")[0])
+        elif kind == "macro":
+            other = text[1:].split("#")[0]
+            where = Path(other).resolve() if other else folder
+            if where != folder and folder not in where.parents:
+                found.append((f"config file {printable(other)}", where))
         elif _PATH_CALL.search(text):
             if _BUNDLE_ROOT_ON_PATH.match(text):
                 search.insert(0, str(folder))
@@ -218,7 +226,7 @@ def check_outside_code(folder: Path, config: Path, trust: bool) -> None:
                              "cover: use --trust to run it", config)
         digest = tree_sha256(where)
         if digest not in listed:
-            raise ModelError(f"the bundle's config imports {what} from outside the bundle ({printable(where)}); "
+            raise ModelError(f"the bundle's config uses {what} from outside the bundle ({printable(where)}); "
                              f"it runs only when trusted too: use --trust, or add its sha256 {digest} to "
                              f"{trusted_file()}", config)
 
