@@ -94,7 +94,9 @@ def die_with_parent() -> None:
 
     Dask's worker already exits when its parent's pipe closes, but only once one of its threads can
     take the GIL; a worker busy in a long native call would live on as an orphan, finish its case
-    and write outputs after the batch was killed. Elsewhere this does nothing.
+    and write outputs after the batch was killed. (The kernel acts when the parent *thread* that
+    started the worker ends; Dask starts each worker from a thread that lives as long as the worker.)
+    Elsewhere this does nothing.
     """
     if not sys.platform.startswith("linux"):
         return
