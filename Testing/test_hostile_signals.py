@@ -12,6 +12,7 @@ a DICOM series' PatientName and PatientID reach no output, line or temporary.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -292,6 +293,22 @@ def test_the_runner_makes_what_a_worker_sends_inert(tmp_path):
     assert list(worker.stderr) == ["warning  cleared"]
 
 
+def test_the_batch_summary_csv_is_inert(tmp_path):
+    import csv
+
+    from medautolabel.cluster_batch import write_summary
+
+    facts = {"segments": [{"name": "Vessel\nx,y\x1b[2J", "volume_ml": 1.5}],
+             "classifications": [{"task": "aneurysm\x1b]0;t\x07", "label": "absent\r\n", "probability": 0.1}]}
+    record = {"input": "in/scan\x1b[31m.nii.gz", "stem": "scan\x1b[31m", "status": "ok", "seconds": 1.0,
+              "message": "", "worker": "w", "facts": facts}
+    path = write_summary([record], tmp_path / "summary.csv")
+    text = path.read_text(encoding="utf-8")
+    assert "\x1b" not in text and len(text.splitlines()) == 2, text
+    rows = list(csv.DictReader(text.splitlines()))
+    assert rows[0]["case"] == "scan" and rows[0]["aneurysm"] == "absent " and rows[0]["Vessel x,y mL"] == "1.5"
+
+
 # --- bundle trust ----------------------------------------------------------------------------------
 
 def bundle(folder: Path, *, imports=(), network=None, extra: Dict[str, str] = None) -> Path:
@@ -416,7 +433,8 @@ def test_the_digest_covers_every_file_and_links_inside(tmp_path):
 
 # --- privacy ----------------------------------------------------------------------------------------
 
-def test_privacy_label_of_a_dicom_series(model_dir, tmp_path):
+def test_privacy_label_of_a_dicom_series(model_dir, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
     series = dicom_series(tmp_path / "in" / "Series1")
     out = tmp_path / "out"
     outcome = run_inprocess(label_args([series], out, model_dir) + ["--low-confidence", "0.9"])
@@ -424,6 +442,7 @@ def test_privacy_label_of_a_dicom_series(model_dir, tmp_path):
     assert (out / "Series1.seg.nrrd").is_file() and (out / "Series1.tags.json").is_file()
     for secret in SECRETS:
         assert_absent(secret, out, outcome=outcome)
+        assert secret not in caplog.text  # no log line either
 
 
 def test_privacy_a_broken_dicom_series_is_refused_without_naming_the_patient(model_dir, tmp_path):

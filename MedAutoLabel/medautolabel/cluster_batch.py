@@ -24,6 +24,7 @@ from .atomic import atomic_output, leftover_temps
 from .batch import case_stem, check_unique_stems
 from .errors import InputError, MedAutoLabelError
 from .outputs import output_paths
+from .text import printable, printable_fields
 
 PathLike = Union[str, Path]
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -205,8 +206,9 @@ def summary_rows(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 def write_summary(records: Sequence[Dict[str, Any]], path: PathLike) -> Path:
-    """Write the summary CSV atomically (columns: the union over cases, in first-seen order)."""
-    rows = summary_rows(records)
+    """Write the summary CSV atomically (columns: the union over cases, in first-seen order); its text
+    (file names, labels and classes from model cards, messages) made inert by ``text.printable``."""
+    rows = [printable_fields({printable(k): v for k, v in row.items()}) for row in summary_rows(records)]
     columns: List[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
