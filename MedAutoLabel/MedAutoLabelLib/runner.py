@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Deque, Dict, List, Optional, Sequence
 
 from medautolabel.image import Image
+from medautolabel.text import printable, printable_fields
 
 WORKER = Path(__file__).resolve().parent / "worker.py"
 TRAIN_WORKER = Path(__file__).resolve().parent / "train_worker.py"
@@ -66,14 +67,18 @@ class WorkerProcess:
             if not line:
                 continue
             try:
-                self.messages.put(json.loads(line))
+                message = json.loads(line)
             except ValueError:
-                self.stderr.append(line)  # stray prints from libraries
+                message = None
+            if isinstance(message, dict):  # it reaches the panel's labels and dialogs: its text made inert
+                self.messages.put(printable_fields(message))
+            else:
+                self.stderr.append(printable(line))  # stray prints from libraries
         self.messages.put({"event": "exit", "returncode": self.proc.wait()})
 
     def _read_stderr(self) -> None:
         for line in self.proc.stderr:
-            self.stderr.append(line.rstrip())
+            self.stderr.append(printable(line.rstrip()))
 
     def alive(self) -> bool:
         return self.proc.poll() is None

@@ -18,7 +18,10 @@ from typing import Any, Dict, TextIO
 
 
 def _send(stream: TextIO, message: Dict[str, Any]) -> None:
-    stream.write(json.dumps(message) + "\n")
+    """Write one message line; its text (error messages quote file names and card labels) made inert."""
+    from medautolabel.text import printable_fields
+
+    stream.write(json.dumps(printable_fields(message)) + "\n")
     stream.flush()
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import signal
 import sys
 from pathlib import Path
 from typing import Any, List, Optional
 
 from . import __version__
-from .errors import MedAutoLabelError
+from .errors import MedAutoLabelError, Terminated
+from .text import printable
 
 # Commands that use MONAI: their process imports it without the optional packages it never needs
 # (monai_import.py; 3.4 s of a 7.4 s start on a 2-core CPU).
@@ -70,6 +72,11 @@ class _CaseBars:
             self.bar = None
 
 
+def _say(line: str) -> None:
+    """Print one line of output that quotes untrusted text (card names, labels, file names) inertly."""
+    print(printable(line))
+
+
 def _summary(facts: dict) -> str:
     parts = [f"{s['name']} {s['volume_ml']:.2f} mL" + (" (low confidence)" if s["low_confidence"] else "")
              for s in facts.get("segments", [])]
@@ -93,11 +100,11 @@ def cmd_label(args: argparse.Namespace) -> int:
     for r in records:
         if r["status"] == "error":
             failed += 1
-            print(f"medautolabel: error: {r['message']}", file=sys.stderr)
+            print(f"medautolabel: error: {printable(r['message'])}", file=sys.stderr)
         elif r["status"] == "skipped":
-            print(f"{r['stem']}: skipped, outputs already exist (use --overwrite)")
+            _say(f"{r['stem']}: skipped, outputs already exist (use --overwrite)")
         else:
-            print(f"{r['stem']}: {Path(r['outputs'][0]).name} ({r['seconds']:.1f} s) {_summary(r['facts'])}")
+            _say(f"{r['stem']}: {Path(r['outputs'][0]).name} ({r['seconds']:.1f} s) {_summary(r['facts'])}")
     return 2 if failed else 0
 
 
@@ -151,7 +158,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     def on_done(record: dict, done: int, total: int) -> None:
         bar.update(1)
         if record["status"] == "error":
-            tqdm.write(f"medautolabel: error: {record['message']}", file=sys.stderr)
+            tqdm.write(f"medautolabel: error: {printable(record['message'])}", file=sys.stderr)
 
     try:
         records = run_batch(cases, args.output, model=args.model, device=args.device, fmt=args.format,
@@ -182,8 +189,8 @@ def cmd_models_list(args: argparse.Namespace) -> int:
         return 0
     rows = [("ID", "VERSION", "MODALITY", "LABELS", "CLASSES", "SOURCE")]
     for c in cards:
-        rows.append((c.id, c.version, c.modality, ", ".join(lab.name for lab in c.labels),
-                     ", ".join(t.task for t in c.classification) or "-", _source(c)))
+        rows.append(tuple(printable(v) for v in (c.id, c.version, c.modality, ", ".join(lab.name for lab in c.labels),
+                                                 ", ".join(t.task for t in c.classification) or "-", _source(c))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
@@ -195,29 +202,29 @@ def cmd_models_show(args: argparse.Namespace) -> int:
 
     c = resolve_model(args.model)
     pre = c.preprocessing
-    print(f"{c.id} {c.version}: {c.name}")
-    print(f"  source: {_source(c)}")
+    _say(f"{c.id} {c.version}: {c.name}")
+    _say(f"  source: {_source(c)}")
     if c.description:
-        print(f"  {c.description}")
-    print(f"  modality: {c.modality}; input channels: " + ", ".join(ch.name for ch in c.input))
-    print(f"  network: {c.network.architecture} ({c.network.weights}, sha256 {c.network.sha256 or 'not given'})")
+        _say(f"  {c.description}")
+    _say(f"  modality: {c.modality}; input channels: " + ", ".join(ch.name for ch in c.input))
+    _say(f"  network: {c.network.architecture} ({c.network.weights}, sha256 {c.network.sha256 or 'not given'})")
     spacing = "native" if pre.spacing is None else " x ".join(f"{s:g}" for s in pre.spacing) + " mm"
-    print(f"  grid: {pre.orientation or 'native'} orientation, {spacing}; "
-          f"window {' x '.join(str(r) for r in c.inference.roi_size)}, overlap {c.inference.overlap:g}")
-    print("  labels:")
+    _say(f"  grid: {pre.orientation or 'native'} orientation, {spacing}; "
+         f"window {' x '.join(str(r) for r in c.inference.roi_size)}, overlap {c.inference.overlap:g}")
+    _say("  labels:")
     for lab in c.labels:
         rgb = "#" + "".join(f"{round(255 * v):02x}" for v in lab.color)
         t = lab.terminology
-        print(f"    {lab.value}  {lab.name}  {rgb}  {t.category.scheme}:{t.category.value} {t.category.meaning} / "
-              f"{t.type.scheme}:{t.type.value} {t.type.meaning}")
+        _say(f"    {lab.value}  {lab.name}  {rgb}  {t.category.scheme}:{t.category.value} {t.category.meaning} / "
+             f"{t.type.scheme}:{t.type.value} {t.type.meaning}")
     for task in c.classification:
-        print(f"  classification: {task.task} ({' / '.join(task.classes)}) by {task.method}")
-    print(f"  low-confidence threshold: {c.low_confidence_threshold:g}")
+        _say(f"  classification: {task.task} ({' / '.join(task.classes)}) by {task.method}")
+    _say(f"  low-confidence threshold: {c.low_confidence_threshold:g}")
     for key in ("command", "training_data", "training_time", "seeds", "date"):
         if key in c.provenance:
-            print(f"  {key.replace('_', ' ')}: {c.provenance[key]}")
+            _say(f"  {key.replace('_', ' ')}: {c.provenance[key]}")
     for key, value in c.metrics.items():
-        print(f"  metric {key}: {value}")
+        _say(f"  metric {key}: {value}")
     return 0
 
 
@@ -331,8 +338,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of the ``medautolabel`` console script; returns the exit status."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """Entry point of the ``medautolabel`` console script; returns the exit status.
+
+    Everything, the parser's construction and MONAI's import included, runs inside the handlers:
+    a user error is one line and status 2, Ctrl-C one line and 130, SIGTERM (as ``Terminated``,
+    see ``run``) one line and 143; the ``finally`` blocks of atomic writes have run by then.
+    """
+    try:
+        return _dispatch(sys.argv[1:] if argv is None else list(argv))
+    except MedAutoLabelError as e:
+        print(f"medautolabel: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("medautolabel: error: interrupted", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("medautolabel: error: terminated", file=sys.stderr)
+        return 143
+
+
+def _dispatch(argv: List[str]) -> int:
+    """Parse ``argv``, prepare the process for the command (MONAI, demo seed) and run it."""
     args = build_parser().parse_args(argv)
     args.argv = argv
     if args.command in MONAI_COMMANDS:
@@ -343,25 +369,37 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .phantoms import DEMO_SEED
 
         args.seed = DEMO_SEED
-    try:
-        return int(args.func(args) or 0)
-    except MedAutoLabelError as e:
-        print(f"medautolabel: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("medautolabel: interrupted", file=sys.stderr)
-        return 130
+    return int(args.func(args) or 0)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _stop(signum: int, frame: Any) -> None:
+    """Signal handler: the first SIGINT or SIGTERM becomes an exception in the main thread; later ones
+    are ignored, so a second Ctrl-C cannot interrupt the clean-up (the ``finally`` blocks) it started."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
 
 
 def run() -> None:
     """The ``medautolabel`` console script (and ``python -m medautolabel``): ``main``, then a short exit.
 
-    At exit CPython's last garbage collection walks every object torch and MONAI created: 0.42 s of
-    a 0.57 s exit on a 2-core CPU (measured). ``gc.freeze()`` leaves them to the operating system;
-    atexit handlers (logging's flush) still run, and every file medautolabel writes is closed before
-    ``main`` returns. Only for a process of its own: in-process callers use ``main``.
+    SIGINT and SIGTERM are first turned into exceptions (``_stop``): SIGTERM's default action would
+    end the process without running any ``finally``, leaving ``.~medautolabel-*`` temporaries behind.
+    Once ``main`` has returned they are ignored, so the exit's own work is not interrupted.
+
+    At exit CPython's last garbage collection walks every object torch and MONAI created, most of the
+    exit's time. ``gc.freeze()`` leaves them to the operating system; atexit handlers (logging's
+    flush) still run, and every file medautolabel writes is closed before ``main`` returns. Only for
+    a process of its own: in-process callers use ``main``.
     """
+    for s in STOP_SIGNALS:
+        signal.signal(s, _stop)
     status = main()
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
     gc.freeze()
     sys.exit(status)
 

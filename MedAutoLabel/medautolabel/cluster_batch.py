@@ -14,15 +14,20 @@ from __future__ import annotations
 import csv
 import io as _io
 import json
+import logging
 import os
+import signal
+import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
-from .atomic import atomic_output, make_folder
+from .atomic import atomic_output, leftover_temps, make_folder
 from .batch import case_stem, check_outputs
 from .errors import InputError, MedAutoLabelError
 from .outputs import output_paths
 from .ownership import check_replaceable, file_id, is_ours
+from .text import printable, printable_fields
 
 PathLike = Union[str, Path]
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -69,6 +74,13 @@ def _facts_from_tags(case: Path, out_dir: Path, fmt: str) -> Dict[str, Any]:
         return {}
 
 
+def remove_temps(case: Path, out_dir: Path, fmt: str) -> None:
+    """Remove the temporaries a killed or stopped worker left beside ``case``'s outputs."""
+    for target in output_paths(out_dir, case_stem(case), fmt):
+        for temp in leftover_temps(target):
+            temp.unlink(missing_ok=True)
+
+
 def label_case(path: str, out_dir: str, model: str, device: str, fmt: str, threads: int,
                trust: bool = False) -> Dict[str, Any]:
     """Label one case on a worker: the task Dask runs (also callable directly); ``trust`` runs a bundle."""
@@ -99,6 +111,32 @@ def check_model(model_ref: str, device: str = "auto", trust: bool = False) -> No
         resolve_model(model_ref)
 
 
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when the process that started it ends (Linux ``prctl``).
+
+    Dask's worker already exits when its parent's pipe closes, but only once one of its threads can
+    take the GIL; a worker busy in a long native call would live on as an orphan, finish its case
+    and write outputs after the batch was killed. (The kernel acts when the parent *thread* that
+    started the worker ends; Dask starts each worker from a thread that lives as long as the worker.)
+    Elsewhere this does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import multiprocessing
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    parent = multiprocessing.parent_process()
+    if parent is not None and parent.pid != os.getppid():  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def dask_setup(worker: Any) -> None:
+    """Dask preload hook (``preload=["medautolabel.cluster_batch"]``): runs in each local worker at start."""
+    die_with_parent()
+
+
 def _client(workers: int, scheduler: Optional[str]):
     try:
         from distributed import Client, LocalCluster
@@ -107,8 +145,10 @@ def _client(workers: int, scheduler: Optional[str]):
 
     if scheduler:
         return Client(scheduler), None
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                           silence_logs=40)
+    with warnings.catch_warnings():  # a second batch on this machine: its scheduler's HTTP port moves, silently
+        warnings.filterwarnings("ignore", message="Port .* is already in use")
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                               silence_logs=40, preload=[__name__])
     return Client(cluster), cluster
 
 
@@ -159,10 +199,15 @@ def run_batch(cases: Sequence[PathLike], out_dir: PathLike, model: str = "vessel
                 done += 1
                 if on_done is not None:
                     on_done(records[p], done, len(paths))
+        except BaseException:  # interrupted: the command says so in one line; Dask's shutdown complaints stay quiet
+            logging.getLogger("distributed").setLevel(logging.CRITICAL)
+            raise
         finally:
             client.close()
             if cluster is not None:
-                cluster.close()
+                cluster.close()  # its workers have ended: what an interrupted one was writing goes too
+                for p in todo:
+                    remove_temps(p, out, fmt)
     ordered = [records[p] for p in paths]
     write_summary(ordered, out / SUMMARY)
     return ordered
@@ -186,8 +231,9 @@ def summary_rows(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 def write_summary(records: Sequence[Dict[str, Any]], path: PathLike) -> Path:
-    """Write the summary CSV atomically (columns: the union over cases, in first-seen order)."""
-    rows = summary_rows(records)
+    """Write the summary CSV atomically (columns: the union over cases, in first-seen order); its text
+    (file names, labels and classes from model cards, messages) made inert by ``text.printable``."""
+    rows = [printable_fields({printable(k): v for k, v in row.items()}) for row in summary_rows(records)]
     columns: List[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]

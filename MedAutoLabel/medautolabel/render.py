@@ -10,6 +10,7 @@ import numpy as np
 from .atomic import atomic_output
 from .image import Image
 from .preprocess import reorient
+from .text import printable
 
 Color = Tuple[float, float, float]
 PANEL_PX = 320  # each view is scaled to this height (aspect kept in millimetres)
@@ -36,7 +37,8 @@ def _views(image: Image, labels: Image) -> Sequence[Tuple[str, np.ndarray, np.nd
 
 def overview_png(image: Image, labels: Image, colors: Dict[int, Color], lines: Sequence[str],
                  path: Union[str, Path], window: Tuple[float, float] = (-200.0, 600.0)) -> Path:
-    """Write ``path``: three slices with each label value drawn in its colour (half transparent), then ``lines``."""
+    """Write ``path``: three slices with each label value drawn in its colour (half transparent), then ``lines``
+    (which quote label names: made inert, one line each)."""
     from PIL import Image as PILImage
     from PIL import ImageDraw, ImageFont
 
@@ -64,7 +66,7 @@ def overview_png(image: Image, labels: Image, colors: Dict[int, Color], lines: S
         x += p.width + 10
     draw = ImageDraw.Draw(canvas)
     for n, line in enumerate(lines):
-        draw.text((10, PANEL_PX + 20 + 22 * n), line, fill=(255, 255, 255), font=font)
+        draw.text((10, PANEL_PX + 20 + 22 * n), printable(line), fill=(255, 255, 255), font=font)
     target = Path(path)
     with atomic_output(target) as tmp:
         canvas.save(tmp, format="PNG")

@@ -11,9 +11,16 @@ from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
+from ..text import printable
+
 COLUMNS = ["case", "label", "name", "dice", "hd95_mm", "msd_mm", "volume_pred_ml", "volume_ref_ml",
            "volume_diff_ml", "volume_diff_percent", "resampled"]
 METRICS = ["dice", "hd95_mm", "msd_mm", "volume_diff_ml"]
+
+
+def _text(value: Any) -> str:
+    """Untrusted text (case and label names, classes) for the HTML page: inert, then escaped."""
+    return html.escape(printable(value))
 
 
 def _num(x: Any, digits: int = 4) -> str:
@@ -81,13 +88,13 @@ def dice_plot(rows: Sequence[Dict[str, Any]], width: int = 520, height: int = 26
         for m, v in enumerate(values):
             jitter = ((m * 37) % 21 - 10) / 10 * col_w * 0.15
             parts.append(f'<circle cx="{cx + jitter:.1f}" cy="{top + plot_h * (1 - v):.1f}" r="3.5" '
-                         f'fill="#3b6ea8" fill-opacity="0.7"><title>{html.escape(name)}: {v:.3f}</title></circle>')
+                         f'fill="#3b6ea8" fill-opacity="0.7"><title>{_text(name)}: {v:.3f}</title></circle>')
         if values:
             ym = top + plot_h * (1 - float(np.median(values)))
             parts.append(f'<line x1="{cx - col_w * 0.3:.1f}" y1="{ym:.1f}" x2="{cx + col_w * 0.3:.1f}" y2="{ym:.1f}" '
                          f'stroke="#c0392b" stroke-width="2"/>')
         parts.append(f'<text x="{cx:.1f}" y="{height - 10}" font-size="12" text-anchor="middle">'
-                     f'{html.escape(name)}</text>')
+                     f'{_text(name)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -123,9 +130,9 @@ def confusion_plot(confusion: Sequence[Sequence[int]], classes: Sequence[str], s
                          f'<text x="{x + cell / 2:.1f}" y="{y + cell / 2 + 5:.1f}" font-size="16" '
                          f'text-anchor="middle">{count}</text>')
         parts.append(f'<text x="{pad - 6}" y="{pad + t * cell + cell / 2 + 4:.1f}" font-size="11" '
-                     f'text-anchor="end">{html.escape(classes[t])}</text>')
+                     f'text-anchor="end">{_text(classes[t])}</text>')
         parts.append(f'<text x="{pad + t * cell + cell / 2:.1f}" y="{pad - 8}" font-size="11" '
-                     f'text-anchor="middle">{html.escape(classes[t])}</text>')
+                     f'text-anchor="middle">{_text(classes[t])}</text>')
     parts.append(f'<text x="{pad + cell}" y="14" font-size="11" text-anchor="middle">predicted</text>'
                  f'<text x="10" y="{pad + cell}" font-size="11" transform="rotate(-90 10 {pad + cell})" '
                  f'text-anchor="middle">reference</text></svg>')
@@ -133,8 +140,8 @@ def confusion_plot(confusion: Sequence[Sequence[int]], classes: Sequence[str], s
 
 
 def _table(header: List[str], body: List[List[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(_num(v, 3))}</td>" for v in row) + "</tr>" for row in body)
+    head = "".join(f"<th>{_text(str(h))}</th>" for h in header)
+    rows = "".join("<tr>" + "".join(f"<td>{_text(_num(v, 3))}</td>" for v in row) + "</tr>" for row in body)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
@@ -143,7 +150,7 @@ def write_html(rows: Sequence[Dict[str, Any]], summary: Dict[str, Any], path: Pa
     missing = summary.get("not_predicted", [])
     body = [f"<h1>MedAutoLabel evaluation</h1><p>{len(summary['cases'])} cases"
             + (f" ({len(missing)} reference cases without a prediction, not counted: "
-               f"{html.escape(', '.join(missing))})" if missing else "") + "; "
+               f"{_text(', '.join(missing))})" if missing else "") + "; "
             f"{sum(bool(r['resampled']) for r in rows)} label rows from predictions resampled onto their "
             f"reference grid.</p>", "<h2>Segmentation</h2>", dice_plot(rows)]
     stats = [[name, m["dice"].get("mean", math.nan), m["dice"].get("median", math.nan),
@@ -152,7 +159,7 @@ def write_html(rows: Sequence[Dict[str, Any]], summary: Dict[str, Any], path: Pa
     body.append(_table(["label", "Dice mean", "Dice median", "HD95 mean (mm)", "MSD mean (mm)",
                         "volume diff mean (mL)", "cases"], stats))
     for task, c in summary.get("classification", {}).items():
-        body.append(f"<h2>Classification: {html.escape(task)}</h2>")
+        body.append(f"<h2>Classification: {_text(task)}</h2>")
         body.append('<div class="row">' + roc_plot(c["roc"], c["roc_auc"]) +
                     confusion_plot(c["confusion"], c["classes"]) + "</div>")
         body.append(_table(["n", "positives", "accuracy", "sensitivity", "specificity", "ROC AUC"],
