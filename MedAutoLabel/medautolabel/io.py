@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
@@ -63,11 +64,18 @@ def _quiet_itk() -> Iterator[None]:
 # --- reading -----------------------------------------------------------------------------------
 
 def read_image(path: PathLike) -> Image:
-    """Read a 3D scalar image from a file or a DICOM series folder; raise ``InputError`` if impossible."""
+    """Read a 3D scalar image from a file or a DICOM series folder; raise ``InputError`` if impossible.
+
+    ``meta`` also gets ``source_path`` (for messages), ``labelmap_evidence`` when the file is a
+    segmentation or labelmap (``pipeline.label_image`` refuses those as images; training and
+    evaluation read labelmaps with this same function) and ``input_repairs`` when the voxels had
+    to be corrected (DICOM slices interpolated).
+    """
     p = Path(path)
-    if not p.exists():
-        raise InputError("no such file or folder", p)
+    _check_path(p)
     if p.is_dir():
+        if extension(p) in READ_FORMATS:
+            raise InputError("is a folder, not an image file", p)
         return read_dicom_series(p)
     ext = extension(p)
     if ext in DICOM_EXTENSIONS:
@@ -79,19 +87,48 @@ def read_image(path: PathLike) -> Image:
     return _read_file(p, *READ_FORMATS[ext])
 
 
+def _check_path(p: Path) -> None:
+    """Refuse what is no readable file or folder before any library touches it (a FIFO would block)."""
+    if p.is_symlink() and not p.exists():  # exists() is False for a dangling link and for a loop of links
+        raise InputError("a symbolic link that leads nowhere (dangling, or a loop of links)", p)
+    if not p.exists():
+        raise InputError("no such file or folder", p)
+    if not p.is_dir() and not p.is_file():
+        raise InputError("not a regular file (a pipe, socket or device), which cannot be read as an image", p)
+    try:
+        if p.is_dir():
+            next(iter(os.scandir(p)), None)
+        else:
+            with open(p, "rb"):
+                pass
+    except OSError as e:
+        raise InputError(f"cannot be read ({os.strerror(e.errno) if e.errno else type(e).__name__})", p) from None
+
+
 def _read_file(p: Path, image_io: str, fmt: str) -> Image:
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
     reader.SetImageIO(image_io)
     reader.SetFileName(str(p))
+    meta: Dict[str, Any] = {"source_name": p.name, "source_path": str(p), "format": fmt, "modality": None}
     with _quiet_itk():
         try:
             reader.ReadImageInformation()
         except RuntimeError as e:
             raise InputError(_header_problem(str(e), fmt), p) from None
-        _check_3d_scalar(reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(),
-                         reader.GetPixelID(), p)
+        evidence = _labelmap_evidence(reader, p)
+        try:
+            _check_3d_scalar(reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(),
+                             reader.GetPixelID(), p)
+        except InputError:
+            if evidence:
+                raise InputError(f"is a segmentation/labelmap, not an image ({evidence})", p) from None
+            raise
+        if evidence:
+            meta["labelmap_evidence"] = evidence
+        _check_header_geometry(reader, p)
+        _check_claimed_size(reader, p, fmt)
         # ITK pads a short NIfTI with zeros instead of failing: the file is also decompressed on a
         # second thread to count its bytes, while ITK reads it (0.6 s instead of 0.9 s for a CT)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medautolabel-check") as pool:
@@ -106,7 +143,82 @@ def _read_file(p: Path, image_io: str, fmt: str) -> Image:
                     complete.result()  # InputError if the file is short
     if img.GetDimension() == 4:  # (x, y, z, 1): a 3D volume stored as 4D
         img = sitk.Extract(img, list(img.GetSize()[:3]) + [0], [0, 0, 0, 0])
-    return _to_image(img, p, {"source_name": p.name, "format": fmt, "modality": None})
+    return _to_image(img, p, meta)
+
+
+# NIFTI_INTENT_LABEL (nifti1.h): the voxels are label indices, not intensities
+_NIFTI_INTENT_LABEL = "1002"
+# zlib/gzip (NIfTI's only compression) cannot shrink data by more than about 1032:1
+_MAX_DEFLATE_RATIO = 1100
+
+
+def _labelmap_evidence(reader: Any, p: Path) -> Optional[str]:
+    """Why the file is a segmentation or labelmap rather than an image, or None."""
+    keys = reader.GetMetaDataKeys()
+    if any(k.startswith("Segment0_") for k in keys):
+        return "a Slicer segmentation: its header has Segment0_* keys"
+    if "intent_code" in keys and reader.GetMetaData("intent_code").strip() == _NIFTI_INTENT_LABEL:
+        return "its NIfTI intent code is NIFTI_INTENT_LABEL"
+    tags = _own_tags_file(p)
+    if tags is not None:
+        return f"a medautolabel labelmap: {tags.name} names it as its labelmap_file"
+    return None
+
+
+def _own_tags_file(p: Path) -> Optional[Path]:
+    """The sibling ``<stem>.tags.json`` (format medautolabel-tags/1) naming ``p`` as its labelmap, if any."""
+    import json
+
+    from .limits import json_depth_exceeds
+    from .outputs import TAGS_FORMAT
+
+    name = p.name
+    stem = name[: -len(extension(p))] if extension(p) else p.stem
+    for candidate in {stem, stem[: -len(".seg")] if stem.lower().endswith(".seg") else stem}:
+        tags = p.parent / f"{candidate}.tags.json"
+        try:
+            if not tags.is_file() or tags.stat().st_size > (1 << 22):
+                continue
+            text = tags.read_text(encoding="utf-8")
+            doc = None if json_depth_exceeds(text) else json.loads(text)
+        except (OSError, ValueError, RecursionError):
+            continue
+        if isinstance(doc, dict) and doc.get("format") == TAGS_FORMAT and doc.get("labelmap_file") == name:
+            return tags
+    return None
+
+
+def _check_header_geometry(reader: Any, p: Path) -> None:
+    """Refuse voxel sizes, origins and axis directions no scanner writes (zero, negative, NaN, singular)."""
+    spacing = np.asarray(reader.GetSpacing(), dtype=np.float64)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        shown = " x ".join(f"{s:g}" for s in spacing)
+        raise InputError(f"the header gives a voxel size of {shown} mm; each must be a finite number > 0", p)
+    if not np.all(np.isfinite(np.asarray(reader.GetOrigin(), dtype=np.float64))):
+        raise InputError("the header's origin is not a finite position", p)
+    n = len(spacing)
+    direction = np.asarray(reader.GetDirection(), dtype=np.float64).reshape(n, n)[:3, :3]
+    if not np.all(np.isfinite(direction)) or abs(np.linalg.det(direction)) < 1e-6:
+        raise InputError("the header's axis directions are not finite or do not span 3D space (singular matrix)", p)
+
+
+def _check_claimed_size(reader: Any, p: Path, fmt: str) -> None:
+    """Refuse a header claiming more voxels than this machine can hold, or than the file can contain."""
+    import SimpleITK as sitk
+
+    from .limits import exceeds_memory, human_bytes, memory_problem, voxel_count
+
+    size = [int(s) for s in reader.GetSize()]
+    voxels = voxel_count(size)
+    component = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID()).GetSizeOfPixelComponent()
+    shape = "x".join(str(s) for s in size)
+    nbytes = voxels * max(component, 4)  # the engine works on a float32 copy
+    if exceeds_memory(nbytes):
+        raise InputError(memory_problem(nbytes, f"the header's {shape} voxels"), p)
+    on_disk = p.stat().st_size
+    if fmt == "NIfTI" and voxels * component > on_disk * _MAX_DEFLATE_RATIO:
+        raise InputError(f"the header claims {shape} voxels ({human_bytes(voxels * component)}) but the file "
+                         f"holds only {human_bytes(on_disk)}: it is truncated or corrupt", p)
 
 
 def _check_nifti_complete(p: Path) -> None:
@@ -194,7 +306,7 @@ def read_dicom_series(folder: PathLike, series_of: Optional[PathLike] = None) ->
                              "slices differ in size or type)", folder) from None
     _check_3d_scalar(img.GetDimension(), img.GetSize(), img.GetNumberOfComponentsPerPixel(),
                      img.GetPixelID(), folder)
-    meta: Dict[str, Any] = {"source_name": folder.name, "format": "DICOM",
+    meta: Dict[str, Any] = {"source_name": folder.name, "source_path": str(folder), "format": "DICOM",
                             "modality": _tag(reader, 0, "0008|0060"), "number_of_slices": len(files)}
     positions = _slice_positions(reader, len(files), folder)
     return _dicom_image(img, positions, meta, folder)
@@ -300,8 +412,25 @@ def _dicom_image(img: Any, positions: np.ndarray, meta: Dict[str, Any], folder: 
     meta["geometry_corrected"] = (
         f"slices tilted by {stack:.1f} deg and spaced {gaps.min():.2f}-{gaps.max():.2f} mm: "
         f"resampled onto a regular {median:.2f} mm grid orthogonal to the slices")
+    meta["input_repairs"] = [_geometry_repair(gaps, median, meta["geometry_corrected"])]
     log.warning("%s: %s", folder.name, meta["geometry_corrected"])
     return Image(out, lps_affine_to_ras(lps), meta)
+
+
+def _geometry_repair(gaps: np.ndarray, step: float, detail: str) -> Dict[str, Any]:
+    """The ``input_repairs`` record of a regularised DICOM stack: how many slices were missing and where.
+
+    A gap of about n x the usual spacing means n - 1 missing slices; their voxels are interpolated
+    linearly from the neighbouring slices, which the record says so that it reaches tags.json and
+    the Slicer panel rather than passing for measured data.
+    """
+    missing = [(int(s), float(g), int(round(g / step)) - 1) for s, g in enumerate(gaps) if g > 1.5 * step]
+    return {"problem": "missing DICOM slices" if missing else "tilted or unevenly spaced DICOM slices",
+            "missing_slices": sum(n for _, _, n in missing),
+            "gaps": [{"after_slice": s, "gap_mm": round(g, 3)} for s, g, _ in missing],
+            "slice_spacing_mm": round(step, 3),
+            "replaced_by": "linear interpolation between the neighbouring slices",
+            "detail": detail}
 
 
 def _matrix(ci: np.ndarray, cj: np.ndarray, ck: np.ndarray, origin: np.ndarray) -> np.ndarray:
