@@ -112,6 +112,8 @@ def _read_file(p: Path, image_io: str, fmt: str) -> Image:
     reader.SetImageIO(image_io)
     reader.SetFileName(str(p))
     meta: Dict[str, Any] = {"source_name": p.name, "source_path": str(p), "format": fmt, "modality": None}
+    if fmt == "NIfTI":
+        _check_nifti_header(p)  # before ITK: it replaces a zero or NaN voxel size by 1 mm, and prints
     with _quiet_itk():
         try:
             reader.ReadImageInformation()
@@ -221,15 +223,65 @@ def _check_claimed_size(reader: Any, p: Path, fmt: str) -> None:
                          f"holds only {human_bytes(on_disk)}: it is truncated or corrupt", p)
 
 
-def _check_nifti_complete(p: Path) -> None:
-    """Raise ``InputError`` if a NIfTI file holds fewer voxel bytes than its header announces."""
+def _nifti_header(p: Path) -> Any:
+    """The NIfTI-1/2 header as stored (nibabel's class, without its fix-ups and log lines), or None."""
     import gzip
     import zlib
 
     import nibabel as nib
 
     try:
-        header = nib.load(str(p)).header
+        with (gzip.open(p, "rb") if extension(p) == ".nii.gz" else open(p, "rb")) as f:
+            raw = f.read(540)
+    except (OSError, EOFError, zlib.error):
+        return None
+    for cls in (nib.Nifti1Header, nib.Nifti2Header):
+        size = cls.sizeof_hdr
+        if len(raw) >= size and size in (int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")):
+            try:
+                return cls(raw[:size], check=False)
+            except Exception:  # noqa: BLE001 - not NIfTI to nibabel: ITK gives the verdict
+                return None
+    return None
+
+
+def _check_nifti_header(p: Path) -> None:
+    """Refuse NIfTI geometry fields that are zero, negative or NaN, and complex voxels.
+
+    ITK silently reads a zero or NaN voxel size as 1 mm and a NaN quaternion as the identity,
+    which would label the image at a wrong scale or place; and it prints library messages to the
+    terminal on the way. So the raw header is checked first.
+    """
+    header = _nifti_header(p)
+    if header is None:
+        return
+    n = max(1, min(int(header["dim"][0]), 3))
+    pixdim = np.asarray(header["pixdim"][1:1 + n], dtype=np.float64)
+    if not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0):
+        shown = " x ".join(f"{s:g}" for s in pixdim)
+        raise InputError(f"the header gives a voxel size of {shown} mm; each must be a finite number > 0", p)
+    if int(header["qform_code"]) > 0:
+        q = [header[k] for k in ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z")]
+        if not np.all(np.isfinite(np.asarray(q, dtype=np.float64))):
+            raise InputError("the header's qform (orientation quaternion or origin) is not finite", p)
+    if int(header["sform_code"]) > 0:
+        rows = np.asarray([header["srow_x"], header["srow_y"], header["srow_z"]], dtype=np.float64)
+        if not np.all(np.isfinite(rows)) or abs(np.linalg.det(rows[:, :3])) < 1e-12:
+            raise InputError("the header's axis directions are not finite or do not span 3D space "
+                             "(singular sform matrix)", p)
+    if header.get_data_dtype().kind == "c":
+        raise InputError("the image has complex voxel values; a real-valued 3D image is needed", p)
+
+
+def _check_nifti_complete(p: Path) -> None:
+    """Raise ``InputError`` if a NIfTI file holds fewer voxel bytes than its header announces."""
+    import gzip
+    import zlib
+
+    header = _nifti_header(p)
+    if header is None:
+        return
+    try:
         expected = int(header["vox_offset"]) + int(np.prod(header.get_data_shape())) * \
             header.get_data_dtype().itemsize
     except Exception:  # noqa: BLE001 - ITK could read the header; leave the verdict to it
