@@ -88,7 +88,14 @@ def read_image(path: PathLike) -> Image:
 
 
 def _check_path(p: Path) -> None:
-    """Refuse what is no readable file or folder before any library touches it (a FIFO would block)."""
+    """Refuse what is no readable file or folder before any library touches it (a FIFO would block).
+
+    A name with control characters (a newline, an escape sequence) is refused too: it would end up in
+    output names, CSV rows and terminal lines; the message shows it with those characters escaped.
+    """
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in p.name):
+        shown = str(p).encode("unicode_escape").decode("ascii", "replace")
+        raise InputError("the file name holds control characters (shown escaped): rename it", shown)
     if p.is_symlink() and not p.exists():  # exists() is False for a dangling link and for a loop of links
         raise InputError("a symbolic link that leads nowhere (dangling, or a loop of links)", p)
     if not p.exists():
@@ -509,7 +516,7 @@ def _regularise(array: np.ndarray, a: np.ndarray, b: np.ndarray, h: np.ndarray,
         canvas[:n_rows, :n_cols] = array[s]
         return ndimage.shift(canvas, (b[s] - b0, a[s] - a0), order=1, mode="constant", cval=fill)
 
-    n_out = math.floor(h[-1] / step + 1e-6) + 1
+    n_out = math.floor(h[-1] / step + 0.01) + 1  # positions are rounded text: 5.99999 steps are 6
     out = np.empty((n_out,) + shape, dtype=np.float32)
     for k in range(n_out):
         t = k * step

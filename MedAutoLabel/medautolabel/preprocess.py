@@ -325,8 +325,11 @@ def repair_non_finite(image: Image) -> Tuple[Image, List[Dict[str, Any]]]:
     too little of it is an image. Integer images cannot hold NaN and are returned as they are.
     """
     array = image.array
-    if array.dtype.kind != "f" or np.isfinite(array.sum(dtype=np.float64)):
-        return image, []  # one pass: a float64 sum of float32 voxels is finite exactly when they all are
+    if array.dtype.kind != "f":
+        return image, []
+    with np.errstate(invalid="ignore", over="ignore"):
+        if np.isfinite(array.sum(dtype=np.float64)):  # one pass: finite exactly when every float32 voxel is
+            return image, []
     finite = np.isfinite(array)
     count = int(array.size - np.count_nonzero(finite))
     if count == 0:
