@@ -580,3 +580,30 @@ def test_evaluate_reports_every_label(kind, tmp_path):
         if r["status"] == "only in prediction":
             assert float(r["dice"]) == 0.0 and float(r["volume_ref_ml"]) == 0.0 and float(r["volume_pred_ml"]) > 0
     snap.assert_unchanged()
+
+
+def test_slicer_panel_shows_the_interpolated_dicom_gap(model_dir, tmp_path):
+    """The glue puts the repair where the panel reads results: attribute, findings table, warnings."""
+    pytest.importorskip("slicer", reason="slicer-core is not installed (CPython 3.11 wheel only)")
+    from slicercore import close_scene, make_scene
+
+    from medautolabel.pipeline import label_image
+    from MedAutoLabelLib import scene as scene_io
+    from MedAutoLabelLib.logic import MedAutoLabelLogic
+
+    folder = tmp_path / "Series"
+    _write_series(folder, _blob_volume(6, 2), [h * NORMAL for h in (0.0, 2.0, 4.0, 8.0, 10.0, 12.0)])
+    image = read_image(folder)
+    result = label_image(image, str(model_dir), device="cpu")
+    scene = make_scene()
+    try:
+        volume = scene_io.image_to_volume(image, scene, "CTA")
+        out = MedAutoLabelLogic(scene).applyResult(volume, result)
+        assert out.warnings == ["1 missing DICOM slice(s) interpolated (4 mm after slice 2; slices 2 mm apart)"]
+        for node in (volume, out.segmentationNode):
+            assert node.GetAttribute("MedAutoLabel.InputRepairs") == out.warnings[0]
+        table = out.tableNode
+        rows = [[table.GetCellText(r, c) for c in range(3)] for r in range(table.GetNumberOfRows())]
+        assert ["input repair", "missing DICOM slices", out.warnings[0]] in rows
+    finally:
+        close_scene(scene)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import slicer
 
 from medautolabel.image import Image
-from medautolabel.result import Classification, Result, SegmentInfo
+from medautolabel.result import Classification, Result, SegmentInfo, repair_notes
 
 from . import scene as scene_io
 
@@ -41,6 +41,10 @@ class AutoLabelOutput:
     segments: List[SegmentInfo]
     provenance: Dict[str, Any]
     result: Optional[Result] = field(default=None, repr=False)
+    # what was repaired in the input before labelling (missing DICOM slices interpolated, NaN voxels
+    # replaced), one sentence each, for the panel to show; also in the findings table and the
+    # MedAutoLabel.InputRepairs attribute
+    warnings: List[str] = field(default_factory=list)
 
 
 class MedAutoLabelLogic(ScriptedLoadableModuleLogic):
@@ -116,7 +120,7 @@ class MedAutoLabelLogic(ScriptedLoadableModuleLogic):
         attributes.update(scene_io.provenance_attributes(result.provenance))
         scene_io.set_attributes(scene, [inputVolumeNode, seg], attributes)
         return AutoLabelOutput(seg, table, list(result.classifications), list(result.segments),
-                               dict(result.provenance), result)
+                               dict(result.provenance), result, repair_notes(result.provenance))
 
     def processFiles(self, inputPaths: Sequence[Union[str, Path]], outputDir: Union[str, Path],
                      model: Optional[str] = None, device: str = "auto", fmt: str = "seg.nrrd",
