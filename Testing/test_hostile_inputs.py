@@ -74,6 +74,13 @@ def mostly_nan(folder):
     return _nan_share(folder, 0.6), ["60%", "NaN"]
 
 
+def mostly_nan_nifti(folder):
+    path = _nan_share(folder, 0.75)
+    image = read_image(path)
+    path.unlink()
+    return write_image(image, folder / "scan.nii.gz"), ["75%", "NaN"]
+
+
 def slicer_segmentation(folder):
     image = sphere_image()
     labels = image.with_array((image.array > 100).astype(np.uint8))
@@ -252,11 +259,12 @@ def dicom_gap_too_large(folder):
     return path, ["slices are missing"]
 
 
-BAD_IMAGES = [all_nan, all_infinite, mostly_nan, slicer_segmentation, nifti_label_intent, own_labelmap, huge_nrrd,
-              huge_nifti, nifti_claims_more_than_it_holds, zero_voxel_size, negative_voxel_size, nan_voxel_size,
-              nan_quaternion, singular_sform, nan_sform, zero_spacing_nrrd, parallel_axes_nrrd, two_d_image,
-              rgb_image, complex_image, symlink_loop, dangling_symlink, fifo, folder_named_like_an_image,
-              folder_without_images, empty_folder, leading_dot_name, mixed_dicom_slice_sizes, dicom_gap_too_large]
+BAD_IMAGES = [all_nan, all_infinite, mostly_nan, mostly_nan_nifti, slicer_segmentation, nifti_label_intent,
+              own_labelmap, huge_nrrd, huge_nifti, nifti_claims_more_than_it_holds, zero_voxel_size,
+              negative_voxel_size, nan_voxel_size, nan_quaternion, singular_sform, nan_sform, zero_spacing_nrrd,
+              parallel_axes_nrrd, two_d_image, rgb_image, complex_image, symlink_loop, dangling_symlink, fifo,
+              folder_named_like_an_image, folder_without_images, empty_folder, leading_dot_name,
+              mixed_dicom_slice_sizes, dicom_gap_too_large]
 
 
 @pytest.mark.parametrize("build", BAD_IMAGES, ids=[b.__name__ for b in BAD_IMAGES])
@@ -339,19 +347,20 @@ def _nan_outside_fov(image):
     return int(mask.sum())
 
 
+@pytest.mark.parametrize("ext", [".nrrd", ".nii.gz"], ids=["nrrd", "nifti"])  # ITK's NIfTI reader makes NaN 0
 @pytest.mark.parametrize("spoil", [_few_nan, _few_inf, _nan_outside_fov],
                          ids=["few-nan-voxels", "few-infinite-voxels", "nan-outside-circular-fov"])
-def test_non_finite_voxels_are_repaired_and_recorded(spoil, model_dir, tmp_path):
+def test_non_finite_voxels_are_repaired_and_recorded(spoil, ext, model_dir, tmp_path):
     clean, spoiled = float_sphere(), float_sphere()
     count = spoil(spoiled)
     assert 0 < count < 0.5 * spoiled.array.size
     inputs = tmp_path / "in"
     inputs.mkdir()
-    write_image(clean, inputs / "clean.nrrd")
-    write_image(spoiled, inputs / "spoiled.nrrd")
+    write_image(clean, inputs / f"clean{ext}")
+    write_image(spoiled, inputs / f"spoiled{ext}")
     snap = Snapshot(inputs)
     out = tmp_path / "out"
-    outcome = label([inputs / "clean.nrrd", inputs / "spoiled.nrrd"], out, model_dir, "--format", "nii.gz")
+    outcome = label([inputs / f"clean{ext}", inputs / f"spoiled{ext}"], out, model_dir, "--format", "nii.gz")
     assert outcome.status == 0, outcome.err
     want, got = read_image(out / "clean.nii.gz").array, read_image(out / "spoiled.nii.gz").array
     assert want.max() >= 1  # the clean image has labels: the comparison means something
@@ -607,3 +616,42 @@ def test_slicer_panel_shows_the_interpolated_dicom_gap(model_dir, tmp_path):
         assert ["input repair", "missing DICOM slices", out.warnings[0]] in rows
     finally:
         close_scene(scene)
+
+
+def nested_tags(pred, ref):
+    (pred / "case.tags.json").write_text('{"classifications": ' + "[" * 100000 + "]" * 100000 + "}")
+    return "case.tags.json", ["nested deeper"]
+
+
+def malformed_tags(pred, ref):
+    (pred / "case.tags.json").write_text(json.dumps({"classifications": [{"task": "aneurysm"}]}))
+    return "case.tags.json", ["malformed"]
+
+
+def nan_labelmap(pred, ref):
+    image = float_sphere()
+    image.array[:] = 0
+    image.array[2, 2, 2] = np.nan
+    write_image(image, pred / "case.nii.gz")
+    return "case.nii.gz", ["NaN"]
+
+
+def dataset_json_not_an_object(pred, ref):
+    (ref / "dataset.json").write_text("[1, 2, 3]")
+    return "dataset.json", ["JSON object"]
+
+
+BAD_EVALUATIONS = [nested_tags, malformed_tags, nan_labelmap, dataset_json_not_an_object]
+
+
+@pytest.mark.parametrize("build", BAD_EVALUATIONS, ids=[b.__name__.replace("_", "-") for b in BAD_EVALUATIONS])
+def test_bad_evaluation_input_is_refused(build, tmp_path):
+    pred, ref = tmp_path / "pred", tmp_path / "ref"
+    pred.mkdir()
+    ref.mkdir()
+    _eval_case("label-only-in-prediction", pred, ref)
+    named, words = build(pred, ref)
+    snap = Snapshot(pred, ref)
+    report = tmp_path / "report"
+    outcome = run_inprocess(["evaluate", pred, ref, "-o", report])
+    assert_refused(outcome, [named], words, untouched=snap, no_temps_in=[tmp_path], no_files_in=[report])
