@@ -22,6 +22,7 @@ from .atomic import atomic_output
 from .errors import InputError, MedAutoLabelError
 from .geometry import image_from_sitk, image_to_sitk, lps_affine_to_ras
 from .image import Image
+from .limits import MAX_NAME_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,32 @@ def read_image(path: PathLike) -> Image:
         raise InputError(f"unsupported file type '{ext or p.name}': expected {_SUPPORTED}", p)
     if p.stat().st_size == 0:
         raise InputError("the file is empty", p)
+    if ext in (".nhdr", ".mhd"):
+        _check_detached_data(p)
     return _read_file(p, *READ_FORMATS[ext])
+
+
+def _check_detached_data(p: Path) -> None:
+    """Refuse a detached header (.nhdr, .mhd) whose data file is no regular file (/dev/zero, a pipe, a folder).
+
+    ITK would read a device or a pipe as voxel data: endless zeros, or a read that never ends.
+    """
+    try:
+        with open(p, "rb") as f:
+            head = f.read(1 << 16).decode("latin-1")
+    except OSError:
+        return
+    for line in head.splitlines():
+        key, sep, value = line.partition("=" if p.suffix.lower() == ".mhd" else ":")
+        if not sep or key.strip().lower() not in ("data file", "datafile", "elementdatafile"):
+            continue
+        name = value.strip()
+        if not name or name.upper() in ("LOCAL", "LIST") or name.upper().startswith("LIST ") or " " in name:
+            return  # data in the header file, or a list/pattern of files: ITK checks those
+        data = Path(name) if Path(name).is_absolute() else p.parent / name
+        if data.exists() and not data.is_file():
+            raise InputError(f"its data file {name!r} is not a regular file (a device, pipe or folder)", p)
+        return
 
 
 def _check_path(p: Path) -> None:
@@ -92,10 +118,14 @@ def _check_path(p: Path) -> None:
 
     A name with control characters (a newline, an escape sequence) is refused too: it would end up in
     output names, CSV rows and terminal lines; the message shows it with those characters escaped.
+    So is a name too long to leave room for its output names (``limits.MAX_NAME_BYTES``).
     """
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in p.name):
         shown = str(p).encode("unicode_escape").decode("ascii", "replace")
         raise InputError("the file name holds control characters (shown escaped): rename it", shown)
+    if len(p.name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        raise InputError(f"the name is {len(p.name.encode('utf-8', 'surrogateescape'))} bytes long; at most "
+                         f"{MAX_NAME_BYTES} leave room for its output names: rename it", p)
     if p.is_symlink() and not p.exists():  # exists() is False for a dangling link and for a loop of links
         raise InputError("a symbolic link that leads nowhere (dangling, or a loop of links)", p)
     if not p.exists():
