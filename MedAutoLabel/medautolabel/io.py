@@ -1,7 +1,9 @@
 """Read and write image files: NIfTI, NRRD, MetaImage files and DICOM series folders (SimpleITK).
 
 Every problem with an input becomes one ``InputError`` line naming the file; library tracebacks and
-messages are never passed on (DICOM messages could carry patient data). ``Image.meta`` gets
+messages are never passed on (DICOM messages could carry patient data). What no library would
+refuse is checked first: pipes, devices and link loops, headers claiming more voxels than the
+machine's memory or the file, zero/negative/NaN voxel sizes, singular or NaN axis directions. ``Image.meta`` gets
 non-identifying facts only: ``source_name`` (file or folder name), ``format``, ``modality`` (DICOM
 0008|0060, else None) and, for DICOM stacks that needed it, a note on the geometry correction.
 """
@@ -22,7 +24,7 @@ from .atomic import atomic_output
 from .errors import InputError, MedAutoLabelError
 from .geometry import image_from_sitk, image_to_sitk, lps_affine_to_ras
 from .image import Image
-from .limits import MAX_NAME_BYTES
+from .limits import MAX_NAME_BYTES, exceeds_memory, human_bytes, json_depth_exceeds, memory_problem, voxel_count
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,7 @@ def _quiet_itk() -> Iterator[None]:
 def read_image(path: PathLike) -> Image:
     """Read a 3D scalar image from a file or a DICOM series folder; raise ``InputError`` if impossible.
 
-    ``meta`` also gets ``source_path`` (for messages), ``labelmap_evidence`` when the file is a
+    ``meta`` also gets ``source_path`` (for messages only, never written), ``labelmap_evidence`` when the file is a
     segmentation or labelmap (``pipeline.label_image`` refuses those as images; training and
     evaluation read labelmaps with this same function) and ``input_repairs`` when the voxels had
     to be corrected (DICOM slices interpolated).
@@ -134,7 +136,8 @@ def _check_path(p: Path) -> None:
         raise InputError("not a regular file (a pipe, socket or device), which cannot be read as an image", p)
     try:
         if p.is_dir():
-            next(iter(os.scandir(p)), None)
+            with os.scandir(p) as entries:
+                next(entries, None)
         else:
             with open(p, "rb"):
                 pass
@@ -211,8 +214,7 @@ def _own_tags_file(p: Path) -> Optional[Path]:
     """The sibling ``<stem>.tags.json`` (format medautolabel-tags/1) naming ``p`` as its labelmap, if any."""
     import json
 
-    from .limits import json_depth_exceeds
-    from .outputs import TAGS_FORMAT
+    from .outputs import TAGS_FORMAT  # here: outputs imports this module
 
     name = p.name
     stem = name[: -len(extension(p))] if extension(p) else p.stem
@@ -247,8 +249,6 @@ def _check_header_geometry(reader: Any, p: Path) -> None:
 def _check_claimed_size(reader: Any, p: Path, fmt: str) -> None:
     """Refuse a header claiming more voxels than this machine can hold, or than the file can contain."""
     import SimpleITK as sitk
-
-    from .limits import exceeds_memory, human_bytes, memory_problem, voxel_count
 
     size = [int(s) for s in reader.GetSize()]
     voxels = voxel_count(size)

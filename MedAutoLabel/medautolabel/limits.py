@@ -36,12 +36,13 @@ def machine_memory_bytes() -> int:
 
 
 def human_bytes(n: float) -> str:
-    """``3.2 GB``-style size (decimal units)."""
-    for unit in ("bytes", "kB", "MB", "GB", "TB", "PB"):
-        if n < 1000 or unit == "PB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+    """``3.2 GB``-style size (decimal units, bytes to exabytes)."""
+    units = ("bytes", "kB", "MB", "GB", "TB", "PB", "EB")
+    step = 0
+    while n >= 1000 and step < len(units) - 1:
         n /= 1000.0
-    return f"{n:.1f} PB"  # pragma: no cover - the loop always returns
+        step += 1
+    return f"{n:.0f} bytes" if step == 0 else f"{n:.1f} {units[step]}"
 
 
 def voxel_count(shape: Iterable[int]) -> int:

@@ -201,6 +201,11 @@ class ModelCard:
         }
 
     @property
+    def channels_per_voxel(self) -> int:
+        """Input plus output channels: what one network-grid voxel costs (x 4 bytes) through inference."""
+        return len(self.input) + (self.out_channels or self.segmentation.channels or 1)
+
+    @property
     def out_channels(self) -> Optional[int]:
         """The network's number of output channels, when its parameters say so."""
         p = self.network.parameters
@@ -535,7 +540,7 @@ def _check_sizes(c: _Ctx, card: ModelCard) -> None:
         if isinstance(v, int) and not isinstance(v, bool) and not 1 <= v <= MAX_CHANNELS:
             raise c.fail(f"network.parameters.{key}", f"expected an integer in 1..{MAX_CHANNELS}, got {v}")
     inf = card.inference
-    channels = len(card.input) + (card.out_channels or card.segmentation.channels or 1)
+    channels = card.channels_per_voxel
     nbytes = voxel_count(inf.roi_size) * inf.sw_batch_size * channels * 4
     if exceeds_memory(nbytes):
         shape = "x".join(str(n) for n in inf.roi_size)

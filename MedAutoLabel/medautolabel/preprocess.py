@@ -352,7 +352,7 @@ def check_grid_fits(shape: Sequence[int], card: ModelCard, image: Image) -> None
     Checked on the cropped grid before the resampled tensor and the network's output (input plus
     output channels, float32) are allocated.
     """
-    channels = len(card.input) + (card.out_channels or card.segmentation.channels or 1)
+    channels = card.channels_per_voxel
     nbytes = voxel_count(shape) * channels * 4
     if exceeds_memory(nbytes):
         spacing = "native" if card.preprocessing.spacing is None else \
