@@ -447,13 +447,29 @@ def weights_absolute_path(folder):
     return "model.json", ["network.weights", "inside the model folder"]
 
 
+def weights_with_a_drive_letter(folder):
+    _edit_card(folder, lambda d: d["network"].update(weights="C:evil.pt"))
+    return "model.json", ["network.weights", "inside the model folder"]
+
+
+def zero_input_channels(folder):
+    _edit_card(folder, lambda d: d["network"]["parameters"].update(in_channels=0))
+    return "model.json", ["in_channels", "is 0"]
+
+
+def absurd_softmax_channels(folder):
+    _edit_card(folder, lambda d: d["segmentation"].update(channels=100000))
+    return "model.json", ["segmentation.channels", "100000"]
+
+
 def spacing_for_a_gigantic_grid(folder):
     _edit_card(folder, lambda d: d["preprocessing"].update(spacing=[0.001, 0.001, 0.001]))
     return "scan.nrrd", ["network grid", "memory"]
 
 
 BAD_CARDS = [roi_of_8_exabytes, absurd_window_batch, absurd_out_channels, deeply_nested_card, nested_provenance,
-             weights_path_traversal, weights_absolute_path, spacing_for_a_gigantic_grid]
+             weights_path_traversal, weights_absolute_path, weights_with_a_drive_letter, zero_input_channels,
+             absurd_softmax_channels, spacing_for_a_gigantic_grid]
 
 
 @pytest.mark.parametrize("build", BAD_CARDS, ids=[b.__name__.replace("_", "-") for b in BAD_CARDS])
@@ -466,6 +482,15 @@ def test_bad_model_card_is_refused(build, model_dir, tmp_path):
     out = tmp_path / "out"
     outcome = label([image], out, folder)
     assert_refused(outcome, [named], words, untouched=snap, no_temps_in=[tmp_path], no_files_in=[out])
+
+
+def test_models_show_of_a_deeply_nested_card_is_one_line(model_dir, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    deeply_nested_card(folder)
+    snap = Snapshot(folder)
+    outcome = run_inprocess(["models", "show", folder])
+    assert_refused(outcome, ["model.json"], ["nested deeper"], untouched=snap, no_temps_in=[tmp_path])
 
 
 class WritesAFile:

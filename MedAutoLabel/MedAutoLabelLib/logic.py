@@ -174,7 +174,8 @@ class MedAutoLabelLogic(ScriptedLoadableModuleLogic):
         return Image(labelmap, image.ijk_to_ras), found
 
     def evaluateSegmentations(self, predictionNode, referenceNode, referenceVolumeNode, tableNode=None):
-        """Dice, HD95, MSD and volume difference per segment (matched by name) into a table node."""
+        """Dice, HD95, MSD, volume difference and status (e.g. "only in prediction") per segment (matched by
+        name) into a table node."""
         import vtk
 
         from medautolabel.evaluation import evaluate_labelmaps
@@ -185,14 +186,14 @@ class MedAutoLabelLogic(ScriptedLoadableModuleLogic):
         table = tableNode or self.scene.AddNewNodeByClass(
             "vtkMRMLTableNode", f"{predictionNode.GetName()} vs {referenceNode.GetName()}")
         table.RemoveAllColumns()
-        columns = ["Segment", "Dice", "HD95 (mm)", "MSD (mm)", "Volume difference (mL)"]
+        columns = ["Segment", "Dice", "HD95 (mm)", "MSD (mm)", "Volume difference (mL)", "Status"]
         for column in columns:
             array = vtk.vtkStringArray()
             array.SetName(column)
             table.AddColumn(array)
         for row in rows:
             r = table.AddEmptyRow()
-            values = [row["name"], row["dice"], row["hd95_mm"], row["msd_mm"], row["volume_diff_ml"]]
+            values = [row["name"], row["dice"], row["hd95_mm"], row["msd_mm"], row["volume_diff_ml"], row["status"]]
             for c, v in enumerate(values):
                 table.SetCellText(r, c, v if isinstance(v, str) else ("n/a" if v != v else f"{v:.3f}"))
         return table, rows
