@@ -132,6 +132,15 @@ def huge_nifti(folder):
     return path, ["30000x30000x30000", "memory"]
 
 
+def huge_nifti2(folder):  # NIfTI-2 dimensions are 64-bit: 100000^3 fits in its header
+    img = nib.Nifti2Image(np.zeros((4, 4, 4), np.int16), np.eye(4))
+    raw = bytearray(img.header.binaryblock + b"\0" * 4 + np.zeros(64, np.int16).tobytes())
+    struct.pack_into("<4q", raw, 16, 3, 100000, 100000, 100000)
+    path = folder / "huge2.nii.gz"
+    path.write_bytes(gzip.compress(bytes(raw)))
+    return path, ["100000x100000x100000", "memory"]
+
+
 def nifti_claims_more_than_it_holds(folder):
     path = folder / "claims.nii.gz"
     path.write_bytes(gzip.compress(_nifti_bytes([("<4h", 40, (3, 1000, 1000, 600))])))
@@ -288,7 +297,7 @@ def dicom_gap_too_large(folder):
 
 
 BAD_IMAGES = [all_nan, all_infinite, mostly_nan, mostly_nan_nifti, slicer_segmentation, nifti_label_intent,
-              own_labelmap, huge_nrrd, huge_nifti, nifti_claims_more_than_it_holds, zero_voxel_size,
+              own_labelmap, huge_nrrd, huge_nifti, huge_nifti2, nifti_claims_more_than_it_holds, zero_voxel_size,
               negative_voxel_size, nan_voxel_size, nan_quaternion, singular_sform, nan_sform, zero_spacing_nrrd,
               parallel_axes_nrrd, two_d_image, rgb_image, complex_image, symlink_loop, dangling_symlink, fifo,
               folder_named_like_an_image, folder_without_images, empty_folder, leading_dot_name, very_long_name,

@@ -254,13 +254,18 @@ def _check_claimed_size(reader: Any, p: Path, fmt: str) -> None:
     voxels = voxel_count(size)
     component = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID()).GetSizeOfPixelComponent()
     shape = "x".join(str(s) for s in size)
-    nbytes = voxels * max(component, 4)  # the engine works on a float32 copy
-    if exceeds_memory(nbytes):
-        raise InputError(memory_problem(nbytes, f"the header's {shape} voxels"), p)
+    _check_fits_in_memory(size, component, p)
     on_disk = p.stat().st_size
     if fmt == "NIfTI" and voxels * component > on_disk * _MAX_DEFLATE_RATIO:
         raise InputError(f"the header claims {shape} voxels ({human_bytes(voxels * component)}) but the file "
                          f"holds only {human_bytes(on_disk)}: it is truncated or corrupt", p)
+
+
+def _check_fits_in_memory(shape: List[int], itemsize: int, p: Path) -> None:
+    """Refuse a header whose voxels (at least 4 bytes each: the engine works on a float32 copy) exceed the memory."""
+    nbytes = voxel_count(shape) * max(int(itemsize), 4)
+    if exceeds_memory(nbytes):
+        raise InputError(memory_problem(nbytes, f"the header's {'x'.join(str(n) for n in shape)} voxels"), p)
 
 
 def _nifti_header(p: Path) -> Any:
@@ -286,7 +291,7 @@ def _nifti_header(p: Path) -> Any:
 
 
 def _check_nifti_header(p: Path) -> None:
-    """Refuse NIfTI geometry fields that are zero, negative or NaN, and complex voxels.
+    """Refuse NIfTI geometry fields that are zero, negative or NaN, complex voxels and absurd sizes.
 
     ITK silently reads a zero or NaN voxel size as 1 mm and a NaN quaternion as the identity,
     which would label the image at a wrong scale or place; and it prints library messages to the
@@ -311,6 +316,11 @@ def _check_nifti_header(p: Path) -> None:
                              "(singular sform matrix)", p)
     if header.get_data_dtype().kind == "c":
         raise InputError("the image has complex voxel values; a real-valued 3D image is needed", p)
+    try:
+        shape = [int(n) for n in header.get_data_shape()]
+    except Exception:  # noqa: BLE001 - an impossible dim field: ITK gives the verdict
+        return
+    _check_fits_in_memory(shape, header.get_data_dtype().itemsize, p)
 
 
 def _scan_nifti_voxels(p: Path) -> Optional[np.ndarray]:
