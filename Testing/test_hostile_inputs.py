@@ -718,3 +718,37 @@ def test_bad_evaluation_input_is_refused(build, tmp_path):
     report = tmp_path / "report"
     outcome = run_inprocess(["evaluate", pred, ref, "-o", report])
     assert_refused(outcome, [named], words, untouched=snap, no_temps_in=[tmp_path], no_files_in=[report])
+
+
+def test_slicer_evaluate_counts_a_segment_only_in_the_prediction(model_dir):
+    """Slicer's Evaluate section: a predicted segment the reference lacks is a false positive row, Dice 0."""
+    slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (CPython 3.11 wheel only)")
+    from slicercore import close_scene, make_scene
+
+    from MedAutoLabelLib import scene as scene_io
+    from MedAutoLabelLib.logic import MedAutoLabelLogic
+
+    scene = make_scene()
+    try:
+        volume = scene_io.image_to_volume(sphere_image(), scene, "CTA")
+        masks = {}
+        for name in ("prediction", "reference"):
+            node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+            node.CreateDefaultDisplayNodes()
+            node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+            masks[name] = node
+        vessel = np.zeros(sphere_image().array.shape, np.uint8)
+        vessel[5:10, 5:10, 5:10] = 1
+        extra = np.zeros_like(vessel)
+        extra[12:15, 20:25, 20:25] = 1
+        for node, segments in ((masks["reference"], {"Vessel": vessel}),
+                               (masks["prediction"], {"Vessel": vessel, "Calcium": extra})):
+            for name, mask in segments.items():
+                sid = node.GetSegmentation().AddEmptySegment(name, name)
+                slicer.util.updateSegmentBinaryLabelmapFromArray(mask, node, sid, volume)
+        table, rows = MedAutoLabelLogic(scene).evaluateSegmentations(masks["prediction"], masks["reference"], volume)
+        assert [(r["name"], r["status"], r["dice"]) for r in rows] == [("Vessel", "ok", 1.0),
+                                                                      ("Calcium", "only in prediction", 0.0)]
+        assert table.GetNumberOfRows() == 2 and table.GetCellText(1, 5) == "only in prediction"
+    finally:
+        close_scene(scene)

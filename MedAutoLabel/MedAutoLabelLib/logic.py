@@ -154,7 +154,7 @@ class MedAutoLabelLogic(ScriptedLoadableModuleLogic):
 
     def segmentationToLabelmap(self, segmentationNode, referenceVolumeNode, names: Optional[Dict[int, str]] = None):
         """The segmentation as an engine labelmap on the reference volume's grid; {value: name} by segment order
-        or by the given names."""
+        or by the given names (non-empty segments the names do not list get the next free values)."""
         import numpy as np
 
         image = self.volumeToImage(referenceVolumeNode)
@@ -162,13 +162,16 @@ class MedAutoLabelLogic(ScriptedLoadableModuleLogic):
         segmentation = segmentationNode.GetSegmentation()
         found: Dict[int, str] = {}
         by_name = {v: k for k, v in (names or {}).items()}
+        spare = max(by_name.values(), default=0) + 1  # for non-empty segments the names do not list
         for n in range(segmentation.GetNumberOfSegments()):
             segment_id = segmentation.GetNthSegmentID(n)
             segment_name = segmentation.GetSegment(segment_id).GetName()
             value = by_name.get(segment_name, n + 1 if not names else None)
-            if value is None:
-                continue
             mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segment_id, referenceVolumeNode)
+            if value is None:  # only in this segmentation: reported (e.g. as a false positive) if it has voxels
+                if not mask.any():
+                    continue
+                value, spare = spare, spare + 1
             labelmap[mask > 0] = value
             found[value] = segment_name
         return Image(labelmap, image.ijk_to_ras), found
@@ -181,8 +184,8 @@ class MedAutoLabelLogic(ScriptedLoadableModuleLogic):
         from medautolabel.evaluation import evaluate_labelmaps
 
         ref, names = self.segmentationToLabelmap(referenceNode, referenceVolumeNode)
-        pred, _ = self.segmentationToLabelmap(predictionNode, referenceVolumeNode, names)
-        rows = evaluate_labelmaps(pred, ref, names)
+        pred, pred_names = self.segmentationToLabelmap(predictionNode, referenceVolumeNode, names)
+        rows = evaluate_labelmaps(pred, ref, {**pred_names, **names})  # segments only predicted: false positives
         table = tableNode or self.scene.AddNewNodeByClass(
             "vtkMRMLTableNode", f"{predictionNode.GetName()} vs {referenceNode.GetName()}")
         table.RemoveAllColumns()

@@ -81,7 +81,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     p = OneLineParser(prog="medautolabel evaluate", epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
