@@ -596,6 +596,21 @@ def test_dicom_gantry_tilt_is_corrected_and_recorded(model_dir, tmp_path):
     assert repair["missing_slices"] == 0 and "tilted by 18.5 deg" in repair["detail"]
 
 
+def test_dicom_series_for_a_model_of_another_modality_is_one_line(model_dir, tmp_path):
+    """A tilted CT series (corrected on reading) given to an MR model: one line naming the folder, nothing else."""
+    folder = tmp_path / "Tilted"
+    _write_series(folder, _blob_volume(5, 2), [np.array([0.0, 0, 3.0 * s]) for s in range(5)])
+    model = tmp_path / "mr-model"
+    shutil.copytree(model_dir, model)
+    _edit_card(model, lambda d: d.update(modality="MR"))
+    snap = Snapshot(folder, model)
+    out = tmp_path / "out"
+    outcome = label([folder], out, model)
+    assert_refused(outcome, [str(folder)], ["is CT", "expects MR"], untouched=snap, no_temps_in=[tmp_path],
+                   no_files_in=[out])
+    assert_absent(PATIENT_NAME, out, model, outcome=outcome)
+
+
 def test_dicom_two_series_in_one_folder_reads_the_larger_one(model_dir, tmp_path):
     folder = tmp_path / "Two"
     _write_series(folder, _blob_volume(5, 1), [s * 2.0 * NORMAL for s in range(5)], uid="1.2.3.4.1")

@@ -532,7 +532,7 @@ def _dicom_image(img: Any, positions: np.ndarray, meta: Dict[str, Any], folder: 
         f"slices tilted by {stack:.1f} deg and spaced {gaps.min():.2f}-{gaps.max():.2f} mm: "
         f"resampled onto a regular {median:.2f} mm grid orthogonal to the slices")
     meta["input_repairs"] = [_geometry_repair(gaps, median, meta["geometry_corrected"])]
-    log.warning("%s: %s", folder.name, meta["geometry_corrected"])
+    log.info("%s: %s", folder.name, meta["geometry_corrected"])  # recorded in input_repairs, not printed
     return Image(out, lps_affine_to_ras(lps), meta)
 
 

@@ -39,7 +39,8 @@ def check_modality(image: Image, card: ModelCard) -> None:
     given = _MODALITY_ALIASES.get(str(image.meta.get("modality") or "").strip().upper())
     if given is None or card.modality == "OTHER" or given == card.modality:
         return
-    raise InputError(f"the image is {given}, but model {card.id!r} expects {card.modality}")
+    raise InputError(f"the image is {given}, but model {card.id!r} expects {card.modality}",
+                     image.meta.get("source_path"))
 
 
 def check_is_image(image: Image) -> None:

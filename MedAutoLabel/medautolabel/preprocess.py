@@ -366,12 +366,13 @@ def preprocess(image: Image, card: ModelCard) -> Prepared:
     """Crop, reorient, resample and normalise ``image`` as ``card`` says; keep what undoes it."""
     array = image.array
     if array.ndim != 3 or min(array.shape) < 1:
-        raise InputError(f"expected a 3D image, got shape {array.shape}")
+        raise InputError(f"expected a 3D image, got shape {array.shape}", image.meta.get("source_path"))
     if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
-        raise InputError(f"expected real-valued voxels, got {array.dtype}")
+        raise InputError(f"expected real-valued voxels, got {array.dtype}", image.meta.get("source_path"))
     det = np.linalg.det(image.ijk_to_ras[:3, :3])
     if not np.isfinite(det) or abs(det) < 1e-12:
-        raise InputError("the image geometry is degenerate (zero voxel size or collinear axes)")
+        raise InputError("the image geometry is degenerate (zero voxel size or collinear axes)",
+                         image.meta.get("source_path"))
     pre = card.preprocessing
     full: Box = (slice(0, array.shape[0]), slice(0, array.shape[1]), slice(0, array.shape[2]))
     box: Optional[Box] = None
