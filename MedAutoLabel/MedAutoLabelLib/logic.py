@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import slicer
 
 from medautolabel.image import Image
-from medautolabel.result import Classification, Result, SegmentInfo
+from medautolabel.result import Classification, Result, SegmentInfo, repair_notes
 
 from . import scene as scene_io
 
@@ -41,6 +41,10 @@ class AutoLabelOutput:
     segments: List[SegmentInfo]
     provenance: Dict[str, Any]
     result: Optional[Result] = field(default=None, repr=False)
+    # what was repaired in the input before labelling (missing DICOM slices interpolated, NaN voxels
+    # replaced), one sentence each, for the panel to show; also in the findings table and the
+    # MedAutoLabel.InputRepairs attribute
+    warnings: List[str] = field(default_factory=list)
 
 
 class MedAutoLabelLogic(ScriptedLoadableModuleLogic):
@@ -116,7 +120,7 @@ class MedAutoLabelLogic(ScriptedLoadableModuleLogic):
         attributes.update(scene_io.provenance_attributes(result.provenance))
         scene_io.set_attributes(scene, [inputVolumeNode, seg], attributes)
         return AutoLabelOutput(seg, table, list(result.classifications), list(result.segments),
-                               dict(result.provenance), result)
+                               dict(result.provenance), result, repair_notes(result.provenance))
 
     def processFiles(self, inputPaths: Sequence[Union[str, Path]], outputDir: Union[str, Path],
                      model: Optional[str] = None, device: str = "auto", fmt: str = "seg.nrrd",
@@ -150,7 +154,7 @@ class MedAutoLabelLogic(ScriptedLoadableModuleLogic):
 
     def segmentationToLabelmap(self, segmentationNode, referenceVolumeNode, names: Optional[Dict[int, str]] = None):
         """The segmentation as an engine labelmap on the reference volume's grid; {value: name} by segment order
-        or by the given names."""
+        or by the given names (non-empty segments the names do not list get the next free values)."""
         import numpy as np
 
         image = self.volumeToImage(referenceVolumeNode)
@@ -158,37 +162,41 @@ class MedAutoLabelLogic(ScriptedLoadableModuleLogic):
         segmentation = segmentationNode.GetSegmentation()
         found: Dict[int, str] = {}
         by_name = {v: k for k, v in (names or {}).items()}
+        spare = max(by_name.values(), default=0) + 1  # for non-empty segments the names do not list
         for n in range(segmentation.GetNumberOfSegments()):
             segment_id = segmentation.GetNthSegmentID(n)
             segment_name = segmentation.GetSegment(segment_id).GetName()
             value = by_name.get(segment_name, n + 1 if not names else None)
-            if value is None:
-                continue
             mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segment_id, referenceVolumeNode)
+            if value is None:  # only in this segmentation: reported (e.g. as a false positive) if it has voxels
+                if not mask.any():
+                    continue
+                value, spare = spare, spare + 1
             labelmap[mask > 0] = value
             found[value] = segment_name
         return Image(labelmap, image.ijk_to_ras), found
 
     def evaluateSegmentations(self, predictionNode, referenceNode, referenceVolumeNode, tableNode=None):
-        """Dice, HD95, MSD and volume difference per segment (matched by name) into a table node."""
+        """Dice, HD95, MSD, volume difference and status (e.g. "only in prediction") per segment (matched by
+        name) into a table node."""
         import vtk
 
         from medautolabel.evaluation import evaluate_labelmaps
 
         ref, names = self.segmentationToLabelmap(referenceNode, referenceVolumeNode)
-        pred, _ = self.segmentationToLabelmap(predictionNode, referenceVolumeNode, names)
-        rows = evaluate_labelmaps(pred, ref, names)
+        pred, pred_names = self.segmentationToLabelmap(predictionNode, referenceVolumeNode, names)
+        rows = evaluate_labelmaps(pred, ref, {**pred_names, **names})  # segments only predicted: false positives
         table = tableNode or self.scene.AddNewNodeByClass(
             "vtkMRMLTableNode", f"{predictionNode.GetName()} vs {referenceNode.GetName()}")
         table.RemoveAllColumns()
-        columns = ["Segment", "Dice", "HD95 (mm)", "MSD (mm)", "Volume difference (mL)"]
+        columns = ["Segment", "Dice", "HD95 (mm)", "MSD (mm)", "Volume difference (mL)", "Status"]
         for column in columns:
             array = vtk.vtkStringArray()
             array.SetName(column)
             table.AddColumn(array)
         for row in rows:
             r = table.AddEmptyRow()
-            values = [row["name"], row["dice"], row["hd95_mm"], row["msd_mm"], row["volume_diff_ml"]]
+            values = [row["name"], row["dice"], row["hd95_mm"], row["msd_mm"], row["volume_diff_ml"], row["status"]]
             for c, v in enumerate(values):
                 table.SetCellText(r, c, v if isinstance(v, str) else ("n/a" if v != v else f"{v:.3f}"))
         return table, rows

@@ -13,7 +13,7 @@ import slicer
 import vtk
 
 from medautolabel.image import Image
-from medautolabel.result import Classification, Result, SegmentInfo
+from medautolabel.result import Classification, Result, SegmentInfo, repair_notes
 from medautolabel.terminology import terminology_entry
 
 ATTRIBUTE_PREFIX = "MedAutoLabel."
@@ -115,7 +115,9 @@ def provenance_attributes(provenance: Dict[str, Any]) -> Dict[str, str]:
             f"{ATTRIBUTE_PREFIX}WeightsSHA256": str(model.get("weights_sha256", "")),
             f"{ATTRIBUTE_PREFIX}Device": str(provenance.get("device", "")),
             f"{ATTRIBUTE_PREFIX}Date": str(provenance.get("date", "")),
-            f"{ATTRIBUTE_PREFIX}DurationSeconds": f"{provenance.get('timings_s', {}).get('total', 0.0):.2f}"}
+            f"{ATTRIBUTE_PREFIX}DurationSeconds": f"{provenance.get('timings_s', {}).get('total', 0.0):.2f}",
+            # what was repaired in the input (interpolated DICOM slices, replaced NaN voxels); "" if nothing
+            f"{ATTRIBUTE_PREFIX}InputRepairs": "; ".join(repair_notes(provenance))}
 
 
 def set_attributes(scene, nodes: Sequence[Any], attributes: Dict[str, str]) -> None:
@@ -132,7 +134,7 @@ FINDINGS_COLUMNS = ("Kind", "Name", "Value", "Probability", "Volume (mL)", "Mean
 
 
 def findings_table(scene, name: str, result: Result, table_node=None):
-    """A table node with one row per classification task and one per segment."""
+    """A table node with one row per classification task, one per segment and one per input repair."""
     table = table_node or scene.AddNewNodeByClass("vtkMRMLTableNode", name)
     table.RemoveAllColumns()
     for column in FINDINGS_COLUMNS:
@@ -143,6 +145,8 @@ def findings_table(scene, name: str, result: Result, table_node=None):
             for c in result.classifications]
     rows += [("segment", s.name, str(s.label_value), "", f"{s.volume_ml:.3f}", f"{s.mean_confidence:.3f}",
               "yes" if s.low_confidence else "no") for s in result.segments]
+    rows += [("input repair", str(r.get("problem", "")), note, "", "", "", "")
+             for r, note in zip(result.provenance.get("input_repairs", []) or [], repair_notes(result.provenance))]
     for row in rows:
         r = table.AddEmptyRow()
         for c, text in enumerate(row):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from . import __version__
+from .cli_types import OneLineParser, non_negative_int, positive_int, probability
 from .errors import MedAutoLabelError, Terminated
 from .text import printable
 
@@ -238,7 +239,7 @@ def cmd_models_export_bundle(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="medautolabel", description="Label medical images automatically (segments + classification tags).",
         epilog="Run 'medautolabel COMMAND --help' for each command. Nothing is downloaded.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -254,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--format", default="seg.nrrd", choices=["seg.nrrd", "nii.gz"], help="labelmap format")
     p.add_argument("--no-postprocess", action="store_true", help="skip the per-label clean-up of the model card")
-    p.add_argument("--low-confidence", type=float, metavar="T", help="flag segments whose mean confidence is below T")
+    p.add_argument("--low-confidence", type=probability, metavar="T", help="flag segments whose mean confidence is below T")
     p.add_argument("--tta", choices=["none", "flip", "flip-all"], help="test-time augmentation (default: the model "
                    "card's; flip = 4 passes, flip-all = 8): more accurate, slower")
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -275,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--seed", type=int, default=None, help="phantom seed outside the training seeds "
+    p.add_argument("--seed", type=non_negative_int, default=None, help="phantom seed outside the training seeds "
                                                           "(default: the fixed demo seed)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
@@ -287,8 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example:\n  medautolabel phantoms -o Dataset001 -n 20 --seed 0",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-o", "--output", required=True, type=Path, help="dataset folder")
-    p.add_argument("-n", type=int, default=10, help="number of phantoms (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="first seed; case c uses seed+c (default: %(default)s)")
+    p.add_argument("-n", type=positive_int, default=10, help="number of phantoms (default: %(default)s)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="first seed; case c uses seed+c (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty, replacing "
                                                             "only the dataset files medautolabel wrote there")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -308,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="vessel-nerve-cta", help="model id or folder (visible to every worker)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (on each worker)")
     p.add_argument("--format", default="seg.nrrd", choices=["seg.nrrd", "nii.gz"], help="labelmap format")
-    p.add_argument("--workers", type=int, default=1, help="local worker processes (default: %(default)s)")
+    p.add_argument("--workers", type=positive_int, default=1, help="local worker processes (default: %(default)s)")
     p.add_argument("--scheduler", metavar="ADDRESS", help="address of a running Dask scheduler, e.g. tcp://host:8786")
     p.add_argument("--trust", action="store_true", help="run a MONAI bundle given with --model (its configs can "
                                                         "execute Python code); see docs/bundles.md")

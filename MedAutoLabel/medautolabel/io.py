@@ -1,7 +1,9 @@
 """Read and write image files: NIfTI, NRRD, MetaImage files and DICOM series folders (SimpleITK).
 
 Every problem with an input becomes one ``InputError`` line naming the file; library tracebacks and
-messages are never passed on (DICOM messages could carry patient data). ``Image.meta`` gets
+messages are never passed on (DICOM messages could carry patient data). What no library would
+refuse is checked first: pipes, devices and link loops, headers claiming more voxels than the
+machine's memory or the file, zero/negative/NaN voxel sizes, singular or NaN axis directions. ``Image.meta`` gets
 non-identifying facts only: ``source_name`` (file or folder name), ``format``, ``modality`` (DICOM
 0008|0060, else None) and, for DICOM stacks that needed it, a note on the geometry correction.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
@@ -21,6 +24,7 @@ from .atomic import atomic_output
 from .errors import InputError, MedAutoLabelError
 from .geometry import image_from_sitk, image_to_sitk, lps_affine_to_ras
 from .image import Image
+from .limits import MAX_NAME_BYTES, exceeds_memory, human_bytes, json_depth_exceeds, memory_problem, voxel_count
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +67,18 @@ def _quiet_itk() -> Iterator[None]:
 # --- reading -----------------------------------------------------------------------------------
 
 def read_image(path: PathLike) -> Image:
-    """Read a 3D scalar image from a file or a DICOM series folder; raise ``InputError`` if impossible."""
+    """Read a 3D scalar image from a file or a DICOM series folder; raise ``InputError`` if impossible.
+
+    ``meta`` also gets ``source_path`` (for messages only, never written), ``labelmap_evidence`` when the file is a
+    segmentation or labelmap (``pipeline.label_image`` refuses those as images; training and
+    evaluation read labelmaps with this same function) and ``input_repairs`` when the voxels had
+    to be corrected (DICOM slices interpolated).
+    """
     p = Path(path)
-    if not p.exists():
-        raise InputError("no such file or folder", p)
+    _check_path(p)
     if p.is_dir():
+        if extension(p) in READ_FORMATS:
+            raise InputError("is a folder, not an image file", p)
         return read_dicom_series(p)
     ext = extension(p)
     if ext in DICOM_EXTENSIONS:
@@ -76,7 +87,62 @@ def read_image(path: PathLike) -> Image:
         raise InputError(f"unsupported file type '{ext or p.name}': expected {_SUPPORTED}", p)
     if p.stat().st_size == 0:
         raise InputError("the file is empty", p)
+    if ext in (".nhdr", ".mhd"):
+        _check_detached_data(p)
     return _read_file(p, *READ_FORMATS[ext])
+
+
+def _check_detached_data(p: Path) -> None:
+    """Refuse a detached header (.nhdr, .mhd) whose data file is no regular file (/dev/zero, a pipe, a folder).
+
+    ITK would read a device or a pipe as voxel data: endless zeros, or a read that never ends.
+    """
+    try:
+        with open(p, "rb") as f:
+            head = f.read(1 << 16).decode("latin-1")
+    except OSError:
+        return
+    for line in head.splitlines():
+        key, sep, value = line.partition("=" if p.suffix.lower() == ".mhd" else ":")
+        if not sep or key.strip().lower() not in ("data file", "datafile", "elementdatafile"):
+            continue
+        name = value.strip()
+        if not name or name.upper() in ("LOCAL", "LIST") or name.upper().startswith("LIST ") or " " in name:
+            return  # data in the header file, or a list/pattern of files: ITK checks those
+        data = Path(name) if Path(name).is_absolute() else p.parent / name
+        if data.exists() and not data.is_file():
+            raise InputError(f"its data file {name!r} is not a regular file (a device, pipe or folder)", p)
+        return
+
+
+def _check_path(p: Path) -> None:
+    """Refuse what is no readable file or folder before any library touches it (a FIFO would block).
+
+    A name with control characters (a newline, an escape sequence) is refused too: it would end up in
+    output names, CSV rows and terminal lines; the message shows it with those characters escaped.
+    So is a name too long to leave room for its output names (``limits.MAX_NAME_BYTES``).
+    """
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in p.name):
+        shown = str(p).encode("unicode_escape").decode("ascii", "replace")
+        raise InputError("the file name holds control characters (shown escaped): rename it", shown)
+    if len(p.name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        raise InputError(f"the name is {len(p.name.encode('utf-8', 'surrogateescape'))} bytes long; at most "
+                         f"{MAX_NAME_BYTES} leave room for its output names: rename it", p)
+    if p.is_symlink() and not p.exists():  # exists() is False for a dangling link and for a loop of links
+        raise InputError("a symbolic link that leads nowhere (dangling, or a loop of links)", p)
+    if not p.exists():
+        raise InputError("no such file or folder", p)
+    if not p.is_dir() and not p.is_file():
+        raise InputError("not a regular file (a pipe, socket or device), which cannot be read as an image", p)
+    try:
+        if p.is_dir():
+            with os.scandir(p) as entries:
+                next(entries, None)
+        else:
+            with open(p, "rb"):
+                pass
+    except OSError as e:
+        raise InputError(f"cannot be read ({os.strerror(e.errno) if e.errno else type(e).__name__})", p) from None
 
 
 def _read_file(p: Path, image_io: str, fmt: str) -> Image:
@@ -85,55 +151,220 @@ def _read_file(p: Path, image_io: str, fmt: str) -> Image:
     reader = sitk.ImageFileReader()
     reader.SetImageIO(image_io)
     reader.SetFileName(str(p))
+    meta: Dict[str, Any] = {"source_name": p.name, "source_path": str(p), "format": fmt, "modality": None}
+    if fmt == "NIfTI":
+        _check_nifti_header(p)  # before ITK: it replaces a zero or NaN voxel size by 1 mm, and prints
     with _quiet_itk():
         try:
             reader.ReadImageInformation()
         except RuntimeError as e:
             raise InputError(_header_problem(str(e), fmt), p) from None
-        _check_3d_scalar(reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(),
-                         reader.GetPixelID(), p)
-        # ITK pads a short NIfTI with zeros instead of failing: the file is also decompressed on a
-        # second thread to count its bytes, while ITK reads it (0.6 s instead of 0.9 s for a CT)
+        evidence = _labelmap_evidence(reader, p)
+        try:
+            _check_3d_scalar(reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(),
+                             reader.GetPixelID(), p)
+        except InputError:
+            if evidence:
+                raise InputError(f"is a segmentation/labelmap, not an image ({evidence})", p) from None
+            raise
+        if evidence:
+            meta["labelmap_evidence"] = evidence
+        _check_header_geometry(reader, p)
+        _check_claimed_size(reader, p, fmt)
+        # ITK pads a short NIfTI with zeros and turns NaN into 0 instead of failing: the file is also
+        # decompressed on a second thread to count its bytes and find non-finite voxels, while ITK
+        # reads it (0.6 s instead of 0.9 s for a CT)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medautolabel-check") as pool:
-            complete = pool.submit(_check_nifti_complete, p) if fmt == "NIfTI" else None
+            scan = pool.submit(_scan_nifti_voxels, p) if fmt == "NIfTI" else None
             try:
                 img = reader.Execute()
             except RuntimeError:
                 raise InputError(f"the {fmt} file is truncated or corrupt: its voxel data cannot be read",
                                  p) from None
             finally:
-                if complete is not None:
-                    complete.result()  # InputError if the file is short
+                non_finite = scan.result() if scan is not None else None  # InputError if the file is short
     if img.GetDimension() == 4:  # (x, y, z, 1): a 3D volume stored as 4D
         img = sitk.Extract(img, list(img.GetSize()[:3]) + [0], [0, 0, 0, 0])
-    return _to_image(img, p, {"source_name": p.name, "format": fmt, "modality": None})
+    image = _to_image(img, p, meta)
+    if non_finite is not None and image.array.dtype.kind == "f" and non_finite.size == image.array.size:
+        image.array.reshape(-1)[non_finite] = np.nan  # as stored: pipeline.label_image repairs or refuses
+    return image
 
 
-def _check_nifti_complete(p: Path) -> None:
-    """Raise ``InputError`` if a NIfTI file holds fewer voxel bytes than its header announces."""
+# NIFTI_INTENT_LABEL (nifti1.h): the voxels are label indices, not intensities
+_NIFTI_INTENT_LABEL = "1002"
+# zlib/gzip (NIfTI's only compression) cannot shrink data by more than about 1032:1
+_MAX_DEFLATE_RATIO = 1100
+
+
+def _labelmap_evidence(reader: Any, p: Path) -> Optional[str]:
+    """Why the file is a segmentation or labelmap rather than an image, or None."""
+    keys = reader.GetMetaDataKeys()
+    if any(k.startswith("Segment0_") for k in keys):
+        return "a Slicer segmentation: its header has Segment0_* keys"
+    if "intent_code" in keys and reader.GetMetaData("intent_code").strip() == _NIFTI_INTENT_LABEL:
+        return "its NIfTI intent code is NIFTI_INTENT_LABEL"
+    tags = _own_tags_file(p)
+    if tags is not None:
+        return f"a medautolabel labelmap: {tags.name} names it as its labelmap_file"
+    return None
+
+
+def _own_tags_file(p: Path) -> Optional[Path]:
+    """The sibling ``<stem>.tags.json`` (format medautolabel-tags/1) naming ``p`` as its labelmap, if any."""
+    import json
+
+    from .outputs import TAGS_FORMAT  # here: outputs imports this module
+
+    name = p.name
+    stem = name[: -len(extension(p))] if extension(p) else p.stem
+    for candidate in {stem, stem[: -len(".seg")] if stem.lower().endswith(".seg") else stem}:
+        tags = p.parent / f"{candidate}.tags.json"
+        try:
+            if not tags.is_file() or tags.stat().st_size > (1 << 22):
+                continue
+            text = tags.read_text(encoding="utf-8")
+            doc = None if json_depth_exceeds(text) else json.loads(text)
+        except (OSError, ValueError, RecursionError):
+            continue
+        if isinstance(doc, dict) and doc.get("format") == TAGS_FORMAT and doc.get("labelmap_file") == name:
+            return tags
+    return None
+
+
+def _check_header_geometry(reader: Any, p: Path) -> None:
+    """Refuse voxel sizes, origins and axis directions no scanner writes (zero, negative, NaN, singular)."""
+    spacing = np.asarray(reader.GetSpacing(), dtype=np.float64)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        shown = " x ".join(f"{s:g}" for s in spacing)
+        raise InputError(f"the header gives a voxel size of {shown} mm; each must be a finite number > 0", p)
+    if not np.all(np.isfinite(np.asarray(reader.GetOrigin(), dtype=np.float64))):
+        raise InputError("the header's origin is not a finite position", p)
+    n = len(spacing)
+    direction = np.asarray(reader.GetDirection(), dtype=np.float64).reshape(n, n)[:3, :3]
+    if not np.all(np.isfinite(direction)) or abs(np.linalg.det(direction)) < 1e-6:
+        raise InputError("the header's axis directions are not finite or do not span 3D space (singular matrix)", p)
+
+
+def _check_claimed_size(reader: Any, p: Path, fmt: str) -> None:
+    """Refuse a header claiming more voxels than this machine can hold, or than the file can contain."""
+    import SimpleITK as sitk
+
+    size = [int(s) for s in reader.GetSize()]
+    voxels = voxel_count(size)
+    component = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID()).GetSizeOfPixelComponent()
+    shape = "x".join(str(s) for s in size)
+    _check_fits_in_memory(size, component, p)
+    on_disk = p.stat().st_size
+    if fmt == "NIfTI" and voxels * component > on_disk * _MAX_DEFLATE_RATIO:
+        raise InputError(f"the header claims {shape} voxels ({human_bytes(voxels * component)}) but the file "
+                         f"holds only {human_bytes(on_disk)}: it is truncated or corrupt", p)
+
+
+def _check_fits_in_memory(shape: List[int], itemsize: int, p: Path) -> None:
+    """Refuse a header whose voxels (at least 4 bytes each: the engine works on a float32 copy) exceed the memory."""
+    nbytes = voxel_count(shape) * max(int(itemsize), 4)
+    if exceeds_memory(nbytes):
+        raise InputError(memory_problem(nbytes, f"the header's {'x'.join(str(n) for n in shape)} voxels"), p)
+
+
+def _nifti_header(p: Path) -> Any:
+    """The NIfTI-1/2 header as stored (nibabel's class, without its fix-ups and log lines), or None."""
     import gzip
     import zlib
 
     import nibabel as nib
 
     try:
-        header = nib.load(str(p)).header
-        expected = int(header["vox_offset"]) + int(np.prod(header.get_data_shape())) * \
-            header.get_data_dtype().itemsize
-    except Exception:  # noqa: BLE001 - ITK could read the header; leave the verdict to it
+        with (gzip.open(p, "rb") if extension(p) == ".nii.gz" else open(p, "rb")) as f:
+            raw = f.read(540)
+    except (OSError, EOFError, zlib.error):
+        return None
+    for cls in (nib.Nifti1Header, nib.Nifti2Header):
+        size = cls.sizeof_hdr
+        if len(raw) >= size and size in (int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")):
+            try:
+                return cls(raw[:size], check=False)
+            except Exception:  # noqa: BLE001 - not NIfTI to nibabel: ITK gives the verdict
+                return None
+    return None
+
+
+def _check_nifti_header(p: Path) -> None:
+    """Refuse NIfTI geometry fields that are zero, negative or NaN, complex voxels and absurd sizes.
+
+    ITK silently reads a zero or NaN voxel size as 1 mm and a NaN quaternion as the identity,
+    which would label the image at a wrong scale or place; and it prints library messages to the
+    terminal on the way. So the raw header is checked first.
+    """
+    header = _nifti_header(p)
+    if header is None:
         return
-    if extension(p) == ".nii":
+    n = max(1, min(int(header["dim"][0]), 3))
+    pixdim = np.asarray(header["pixdim"][1:1 + n], dtype=np.float64)
+    if not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0):
+        shown = " x ".join(f"{s:g}" for s in pixdim)
+        raise InputError(f"the header gives a voxel size of {shown} mm; each must be a finite number > 0", p)
+    if int(header["qform_code"]) > 0:
+        q = [header[k] for k in ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z")]
+        if not np.all(np.isfinite(np.asarray(q, dtype=np.float64))):
+            raise InputError("the header's qform (orientation quaternion or origin) is not finite", p)
+    if int(header["sform_code"]) > 0:
+        rows = np.asarray([header["srow_x"], header["srow_y"], header["srow_z"]], dtype=np.float64)
+        if not np.all(np.isfinite(rows)) or abs(np.linalg.det(rows[:, :3])) < 1e-12:
+            raise InputError("the header's axis directions are not finite or do not span 3D space "
+                             "(singular sform matrix)", p)
+    if header.get_data_dtype().kind == "c":
+        raise InputError("the image has complex voxel values; a real-valued 3D image is needed", p)
+    try:
+        shape = [int(n) for n in header.get_data_shape()]
+    except Exception:  # noqa: BLE001 - an impossible dim field: ITK gives the verdict
+        return
+    _check_fits_in_memory(shape, header.get_data_dtype().itemsize, p)
+
+
+def _scan_nifti_voxels(p: Path) -> Optional[np.ndarray]:
+    """Check a NIfTI file holds all the voxel bytes its header announces; find its non-finite voxels.
+
+    Raises ``InputError`` if the file is short (ITK would pad it with zeros). For float data it
+    returns a flat boolean mask (file order, which is the order of ITK's ``(k, j, i)`` array) of the
+    NaN/infinite voxels, or None when there are none: ITK's NIfTI reader silently turns them into 0,
+    which on CT is water, not the missing value they stand for.
+    """
+    import gzip
+    import zlib
+
+    header = _nifti_header(p)
+    if header is None:
+        return None
+    try:
+        offset, dtype = int(header["vox_offset"]), header.get_data_dtype()
+        count = int(np.prod(header.get_data_shape()))
+    except Exception:  # noqa: BLE001 - ITK could read the header; leave the verdict to it
+        return None
+    floats = dtype.kind == "f"
+    mask: Optional[np.ndarray] = None
+    if extension(p) == ".nii" and not floats:
         actual = p.stat().st_size
     else:
-        actual = 0
         try:
-            with gzip.open(p, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 22), b""):
+            with (gzip.open(p, "rb") if extension(p) == ".nii.gz" else open(p, "rb")) as f:
+                actual, seen = len(f.read(offset)), 0
+                block = (1 << 22) // dtype.itemsize * dtype.itemsize
+                for chunk in iter(lambda: f.read(block), b""):
                     actual += len(chunk)
+                    n = min(len(chunk) // dtype.itemsize, count - seen)
+                    if floats and n > 0:
+                        bad = ~np.isfinite(np.frombuffer(chunk, dtype, count=n))
+                        if bad.any():
+                            mask = np.zeros(count, dtype=bool) if mask is None else mask
+                            mask[seen:seen + n] = bad
+                        seen += n
         except (OSError, EOFError, zlib.error):
             actual = -1
-    if actual < expected:
+    if actual < offset + count * dtype.itemsize:
         raise InputError("the NIfTI file is truncated or corrupt: its voxel data cannot be read", p)
+    return mask
 
 
 def _header_problem(message: str, fmt: str) -> str:
@@ -194,7 +425,7 @@ def read_dicom_series(folder: PathLike, series_of: Optional[PathLike] = None) ->
                              "slices differ in size or type)", folder) from None
     _check_3d_scalar(img.GetDimension(), img.GetSize(), img.GetNumberOfComponentsPerPixel(),
                      img.GetPixelID(), folder)
-    meta: Dict[str, Any] = {"source_name": folder.name, "format": "DICOM",
+    meta: Dict[str, Any] = {"source_name": folder.name, "source_path": str(folder), "format": "DICOM",
                             "modality": _tag(reader, 0, "0008|0060"), "number_of_slices": len(files)}
     positions = _slice_positions(reader, len(files), folder)
     return _dicom_image(img, positions, meta, folder)
@@ -300,8 +531,25 @@ def _dicom_image(img: Any, positions: np.ndarray, meta: Dict[str, Any], folder: 
     meta["geometry_corrected"] = (
         f"slices tilted by {stack:.1f} deg and spaced {gaps.min():.2f}-{gaps.max():.2f} mm: "
         f"resampled onto a regular {median:.2f} mm grid orthogonal to the slices")
-    log.warning("%s: %s", folder.name, meta["geometry_corrected"])
+    meta["input_repairs"] = [_geometry_repair(gaps, median, meta["geometry_corrected"])]
+    log.info("%s: %s", folder.name, meta["geometry_corrected"])  # recorded in input_repairs, not printed
     return Image(out, lps_affine_to_ras(lps), meta)
+
+
+def _geometry_repair(gaps: np.ndarray, step: float, detail: str) -> Dict[str, Any]:
+    """The ``input_repairs`` record of a regularised DICOM stack: how many slices were missing and where.
+
+    A gap of about n x the usual spacing means n - 1 missing slices; their voxels are interpolated
+    linearly from the neighbouring slices, which the record says so that it reaches tags.json and
+    the Slicer panel rather than passing for measured data.
+    """
+    missing = [(int(s), float(g), int(round(g / step)) - 1) for s, g in enumerate(gaps) if g > 1.5 * step]
+    return {"problem": "missing DICOM slices" if missing else "tilted or unevenly spaced DICOM slices",
+            "missing_slices": sum(n for _, _, n in missing),
+            "gaps": [{"after_slice": s, "gap_mm": round(g, 3)} for s, g, _ in missing],
+            "slice_spacing_mm": round(step, 3),
+            "replaced_by": "linear interpolation between the neighbouring slices",
+            "detail": detail}
 
 
 def _matrix(ci: np.ndarray, cj: np.ndarray, ck: np.ndarray, origin: np.ndarray) -> np.ndarray:
@@ -328,7 +576,7 @@ def _regularise(array: np.ndarray, a: np.ndarray, b: np.ndarray, h: np.ndarray,
         canvas[:n_rows, :n_cols] = array[s]
         return ndimage.shift(canvas, (b[s] - b0, a[s] - a0), order=1, mode="constant", cval=fill)
 
-    n_out = math.floor(h[-1] / step + 1e-6) + 1
+    n_out = math.floor(h[-1] / step + 0.01) + 1  # positions are rounded text: 5.99999 steps are 6
     out = np.empty((n_out,) + shape, dtype=np.float32)
     for k in range(n_out):
         t = k * step

@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from .errors import ModelError
+from .limits import MAX_CHANNELS, MAX_JSON_DEPTH, exceeds_memory, json_depth_exceeds, memory_problem, voxel_count
 from .result import Code, Terminology
 
 FORMAT = "medautolabel-model/1"
@@ -140,11 +141,16 @@ class ModelCard:
         if not path.is_file():
             raise ModelError("model card not found", path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
+            if json_depth_exceeds(text):
+                raise ModelError(f"nested deeper than {MAX_JSON_DEPTH} levels: not a model card", path)
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ModelError(f"not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})", path) from None
         except (OSError, UnicodeDecodeError) as e:
             raise ModelError(f"cannot read model card ({type(e).__name__})", path) from None
+        except RecursionError:
+            raise ModelError(f"nested deeper than {MAX_JSON_DEPTH} levels: not a model card", path) from None
         return cls.from_dict(data, path)
 
     @classmethod
@@ -193,6 +199,11 @@ class ModelCard:
             "provenance": dict(self.provenance),
             "metrics": dict(self.metrics),
         }
+
+    @property
+    def channels_per_voxel(self) -> int:
+        """Input plus output channels: what one network-grid voxel costs (x 4 bytes) through inference."""
+        return len(self.input) + (self.out_channels or self.segmentation.channels or 1)
 
     @property
     def out_channels(self) -> Optional[int]:
@@ -464,9 +475,9 @@ def _parse_segmentation(c: _Ctx, d: Dict[str, Any]) -> SegmentationSpec:
     if act not in ("softmax", "sigmoid"):
         raise c.fail("segmentation.activation", f"expected \"softmax\" or \"sigmoid\", got {_short(act)}")
     if act == "softmax":
-        n = c.integer(d, "channels", "segmentation", lo=2)
+        n = c.integer(d, "channels", "segmentation", lo=2, hi=MAX_CHANNELS)
     else:
-        n = c.integer(d, "channels", "segmentation", 0, lo=0)
+        n = c.integer(d, "channels", "segmentation", 0, lo=0, hi=MAX_CHANNELS)
     return SegmentationSpec(act, n)
 
 
@@ -521,6 +532,23 @@ def _parse_task(c: _Ctx, v: Any, where: str) -> ClassificationTask:
     )
 
 
+def _check_sizes(c: _Ctx, card: ModelCard) -> None:
+    """Refuse channel counts no network has and windows this machine could never hold, before any allocation."""
+    params = card.network.parameters
+    for key in ("in_channels", "out_channels", "num_classes"):
+        v = params.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and not 1 <= v <= MAX_CHANNELS:
+            raise c.fail(f"network.parameters.{key}", f"expected an integer in 1..{MAX_CHANNELS}, got {v}")
+    inf = card.inference
+    channels = card.channels_per_voxel
+    nbytes = voxel_count(inf.roi_size) * inf.sw_batch_size * channels * 4
+    if exceeds_memory(nbytes):
+        shape = "x".join(str(n) for n in inf.roi_size)
+        one_window_too_big = exceeds_memory(voxel_count(inf.roi_size) * channels * 4)
+        raise c.fail("inference.roi_size" if one_window_too_big else "inference.sw_batch_size", memory_problem(
+            nbytes, f"{inf.sw_batch_size} window(s) of {shape} voxels x {channels} channels"))
+
+
 def _check_consistency(c: _Ctx, card: ModelCard) -> None:
     """Cross-field checks: channel numbers fit the network, label values and names are unique."""
     params = card.network.parameters
@@ -530,6 +558,7 @@ def _check_consistency(c: _Ctx, card: ModelCard) -> None:
                      f"is {in_ch} but input.channels lists {len(card.input)} channel(s)")
     out_ch = card.out_channels
     seg = card.segmentation
+    _check_sizes(c, card)
     if out_ch is not None and seg.channels > out_ch:
         raise c.fail("segmentation.channels", f"is {seg.channels} but the network has {out_ch} output channels")
     seen_values, seen_names, seen_channels = set(), set(), set()

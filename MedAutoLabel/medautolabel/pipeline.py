@@ -20,7 +20,7 @@ from .modelcard import TTA_MODES, ModelCard
 from .models import resolve_model
 from .network import file_sha256, load_network
 from .postprocess import postprocess as postprocess_output
-from .preprocess import preprocess
+from .preprocess import preprocess, repair_non_finite
 from .result import Result
 
 log = logging.getLogger("medautolabel")
@@ -39,7 +39,18 @@ def check_modality(image: Image, card: ModelCard) -> None:
     given = _MODALITY_ALIASES.get(str(image.meta.get("modality") or "").strip().upper())
     if given is None or card.modality == "OTHER" or given == card.modality:
         return
-    raise InputError(f"the image is {given}, but model {card.id!r} expects {card.modality}")
+    raise InputError(f"the image is {given}, but model {card.id!r} expects {card.modality}",
+                     image.meta.get("source_path"))
+
+
+def check_is_image(image: Image) -> None:
+    """Refuse a segmentation or labelmap given as the image (``io.read_image`` records the evidence).
+
+    Labelling label values as if they were intensities gives confident nonsense, never an error.
+    """
+    evidence = image.meta.get("labelmap_evidence")
+    if evidence:
+        raise InputError(f"is a segmentation/labelmap, not an image ({evidence})", image.meta.get("source_path"))
 
 
 def software_versions() -> Dict[str, str]:
@@ -82,6 +93,9 @@ def label_image(image: Image, model: Union[str, Path, ModelCard], device: str = 
     ``warn(message)`` hears about fallbacks (default: the "medautolabel" logger); ``tta``
     overrides the card's test-time augmentation ("none", "flip", "flip-all"); ``precision`` is the
     network's ("auto": float16 on CUDA, bfloat16 on CPUs with native bfloat16, else float32).
+    A segmentation given as the image and a mostly non-finite image are refused; a few non-finite
+    voxels are repaired first. ``provenance["input_repairs"]`` lists what was done to the input
+    (non-finite voxels replaced, DICOM slices interpolated), so that no repair goes unrecorded.
     """
     t_start = time.perf_counter()
     timings: Dict[str, float] = {}
@@ -97,6 +111,8 @@ def label_image(image: Image, model: Union[str, Path, ModelCard], device: str = 
         timings[stage] = round(now - t0, 4)
         return now
 
+    check_is_image(image)
+    image, repairs = repair_non_finite(image)
     report("loading model", 0.0)
     card = resolve_model(model)
     if tta is not None and tta != card.inference.tta:
@@ -144,6 +160,7 @@ def label_image(image: Image, model: Union[str, Path, ModelCard], device: str = 
         "network_runtime": window_stats["network_runtime"],
         "windows": {"computed": window_stats["windows"] - window_stats["windows_reused"],
                     "reused_constant": window_stats["windows_reused"]},
+        "input_repairs": list(image.meta.get("input_repairs", [])) + repairs,
         "postprocessing": bool(postprocess),
         "test_time_augmentation": card.inference.tta,
         "low_confidence_threshold": (card.low_confidence_threshold if low_confidence_threshold is None

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from scipy import ndimage
 from . import normalize
 from .errors import InputError
 from .image import Image
+from .limits import MAX_NON_FINITE_SHARE, exceeds_memory, memory_problem, voxel_count
 from .modelcard import InputChannel, ModelCard
 
 Box = Tuple[slice, slice, slice]  # (k, j, i) slices of the input grid
@@ -313,16 +314,65 @@ def normalise(values: np.ndarray, channels: Sequence[InputChannel]) -> np.ndarra
     return out
 
 
+def repair_non_finite(image: Image) -> Tuple[Image, List[Dict[str, Any]]]:
+    """``image`` with NaN/infinite voxels replaced by its lowest finite value, and the record of the repair.
+
+    Some scanners export the outside of a circular field of view as NaN, and one NaN voxel would
+    otherwise spread through resampling and blending into every label. The lowest finite value is
+    the image's background (air or the outside-FOV padding on CT), so the repaired voxels are
+    labelled as background, as they would be in a clean image. An image with no finite voxel, or
+    with more than ``MAX_NON_FINITE_SHARE`` (half) of them non-finite, is refused (``InputError``):
+    too little of it is an image. Integer images cannot hold NaN and are returned as they are.
+    """
+    array = image.array
+    if array.dtype.kind != "f":
+        return image, []
+    with np.errstate(invalid="ignore", over="ignore"):
+        if np.isfinite(array.sum(dtype=np.float64)):  # one pass: finite exactly when every float32 voxel is
+            return image, []
+    finite = np.isfinite(array)
+    count = int(array.size - np.count_nonzero(finite))
+    if count == 0:
+        return image, []
+    where = image.meta.get("source_path")
+    if count == array.size:
+        raise InputError("every voxel is NaN or infinite: there is no image to label", where)
+    if count > MAX_NON_FINITE_SHARE * array.size:
+        raise InputError(f"{count / array.size:.0%} of the voxels are NaN or infinite (more than "
+                         f"{MAX_NON_FINITE_SHARE:.0%}): too little of the image is usable", where)
+    fill = float(array[finite].min())
+    repaired = np.where(finite, array, np.asarray(fill, dtype=array.dtype))
+    record = {"problem": "non-finite voxels", "count": count, "replaced_by": fill}
+    return image.with_array(repaired), [record]
+
+
+def check_grid_fits(shape: Sequence[int], card: ModelCard, image: Image) -> None:
+    """Refuse a network grid this machine cannot hold (e.g. a card spacing far finer than the image's).
+
+    Checked on the cropped grid before the resampled tensor and the network's output (input plus
+    output channels, float32) are allocated.
+    """
+    channels = card.channels_per_voxel
+    nbytes = voxel_count(shape) * channels * 4
+    if exceeds_memory(nbytes):
+        spacing = "native" if card.preprocessing.spacing is None else \
+            "x".join(f"{s:g}" for s in card.preprocessing.spacing) + " mm"
+        what = f"the network grid of {'x'.join(str(int(n)) for n in shape)} voxels (model spacing {spacing}) " \
+               f"x {channels} channels"
+        raise InputError(memory_problem(nbytes, what), image.meta.get("source_path"))
+
+
 def preprocess(image: Image, card: ModelCard) -> Prepared:
     """Crop, reorient, resample and normalise ``image`` as ``card`` says; keep what undoes it."""
     array = image.array
     if array.ndim != 3 or min(array.shape) < 1:
-        raise InputError(f"expected a 3D image, got shape {array.shape}")
+        raise InputError(f"expected a 3D image, got shape {array.shape}", image.meta.get("source_path"))
     if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
-        raise InputError(f"expected real-valued voxels, got {array.dtype}")
+        raise InputError(f"expected real-valued voxels, got {array.dtype}", image.meta.get("source_path"))
     det = np.linalg.det(image.ijk_to_ras[:3, :3])
     if not np.isfinite(det) or abs(det) < 1e-12:
-        raise InputError("the image geometry is degenerate (zero voxel size or collinear axes)")
+        raise InputError("the image geometry is degenerate (zero voxel size or collinear axes)",
+                         image.meta.get("source_path"))
     pre = card.preprocessing
     full: Box = (slice(0, array.shape[0]), slice(0, array.shape[1]), slice(0, array.shape[2]))
     box: Optional[Box] = None
@@ -342,6 +392,7 @@ def preprocess(image: Image, card: ModelCard) -> Prepared:
     whole_shape, whole_matrix = resampled_grid(values.shape, matrix, pre.spacing) if resampling else (
         values.shape, matrix)
     net_box = box_on_grid(box, image.ijk_to_ras, whole_shape, whole_matrix)
+    check_grid_fits([b.stop - b.start for b in net_box], card, image)
     roi = list(card.inference.roi_size)
     net_box = window_aligned_box(net_box, whole_shape, roi if pre.axis_order == "kji" else roi[::-1],
                                  card.inference.overlap)

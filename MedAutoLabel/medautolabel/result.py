@@ -66,6 +66,26 @@ class Result:
         }
 
 
+def repair_notes(provenance: Dict[str, Any]) -> List[str]:
+    """One sentence per ``provenance["input_repairs"]`` record: what was changed in the input before labelling.
+
+    For people reading the result (the Slicer panel, a summary line): interpolated slices and
+    replaced voxels are not measured data, and a reader of the labels must be able to know.
+    """
+    notes = []
+    for r in provenance.get("input_repairs", []) or []:
+        problem = str(r.get("problem", "input repaired"))
+        if problem == "non-finite voxels":
+            notes.append(f"{r.get('count')} NaN/infinite voxels replaced by {r.get('replaced_by')} (the lowest value)")
+        elif problem == "missing DICOM slices":
+            gaps = ", ".join(f"{g['gap_mm']:g} mm after slice {g['after_slice']}" for g in r.get("gaps", []))
+            notes.append(f"{r.get('missing_slices')} missing DICOM slice(s) interpolated ({gaps}; "
+                         f"slices {r.get('slice_spacing_mm'):g} mm apart)")
+        else:
+            notes.append(f"{problem}: {r.get('detail') or r.get('replaced_by', '')}".rstrip(": "))
+    return notes
+
+
 def _code(d: Optional[Dict[str, Any]]) -> Optional[Code]:
     return None if not d else Code(str(d["scheme"]), str(d["value"]), str(d["meaning"]))
 

@@ -8,6 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..cli_types import OneLineParser
 from ..errors import MedAutoLabelError
 
 EPILOG = """examples:
@@ -85,8 +86,8 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="medautolabel evaluate", epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="medautolabel evaluate", epilog=EPILOG,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)

@@ -10,7 +10,7 @@ from ..atomic import atomic_outputs, make_folder
 from ..image import Image
 from ..ownership import EVALUATION_FORMAT, REPORT_FILES, check_replaceable
 from .align import to_reference_grid
-from .metrics import classification_metrics, segment_metrics
+from .metrics import STATUSES, classification_metrics, segment_metrics
 from .pairing import pair_cases, predicted_classes, read_labelmap, reference_classes
 from .report import summarise, write_csv, write_html, write_summary
 
@@ -23,7 +23,8 @@ def evaluate_labelmaps(pred: Image, ref: Image, labels: Dict[int, str]) -> List[
     The prediction is compared on the reference's grid (resampled, nearest neighbour, in physical
     space when the grids differ; an InputError when they barely overlap). Each row: label, name,
     dice, hd95_mm, msd_mm, volume_pred_ml, volume_ref_ml, volume_diff_ml, volume_diff_percent, resampled.
-    This is what the Slicer module's Evaluate section calls.
+    Labels present in either labelmap but not in ``labels`` get a row too, and every row has a
+    ``status`` (see metrics.py). This is what the Slicer module's Evaluate section calls.
     """
     aligned, resampled = to_reference_grid(pred, ref)
     rows = segment_metrics(aligned, ref, labels)
@@ -42,8 +43,7 @@ def evaluate_cases(pred: PathLike, ref: PathLike) -> Dict[str, Any]:
     pairs, missing = pair_cases(pred, ref)
     for case, pred_path, ref_path in pairs:
         p, r = read_labelmap(pred_path), read_labelmap(ref_path)
-        names = {**{v: n for v, n in p.names.items()}, **r.names} or {
-            int(v): f"label {int(v)}" for v in set(r.image.array.ravel().tolist()) - {0}}
+        names = {**p.names, **r.names}  # segment_metrics adds every value present in either labelmap
         aligned, resampled = to_reference_grid(p.image, r.image, pred_path)
         for row in segment_metrics(aligned, r.image, names):
             row.update(case=case, resampled=resampled)
@@ -58,11 +58,20 @@ def evaluate_cases(pred: PathLike, ref: PathLike) -> Dict[str, Any]:
                 scores.setdefault(task, []).append(float(probs[task][present]))
     summary: Dict[str, Any] = {"format": EVALUATION_FORMAT, "medautolabel_version": __version__,
                                "cases": cases, "not_predicted": missing, "segmentation": summarise(rows),
-                               "classification": {}}
+                               "label_status": status_counts(rows), "classification": {}}
     for task in truth:
         summary["classification"][task] = dict(classification_metrics(truth[task], scores[task]),
                                                classes=classes[task])
     return {"rows": rows, "summary": summary}
+
+
+def status_counts(rows: List[Dict[str, Any]]) -> Dict[str, Dict[str, int]]:
+    """Per label name: how many cases had it in both, only in the prediction, only in the reference, in neither."""
+    out: Dict[str, Dict[str, int]] = {}
+    for r in rows:
+        counts = out.setdefault(r["name"], {s: 0 for s in STATUSES})
+        counts[r["status"]] += 1
+    return out
 
 
 def _class_order(task: str, probabilities: Dict[str, float]):

@@ -3,14 +3,16 @@
 Dice, HD95 and mean symmetric surface distance come from MONAI (``compute_dice``,
 ``compute_hausdorff_distance(percentile=95)``, ``compute_average_surface_distance(symmetric=True)``)
 with the voxel spacing in millimetres. Empty masks: both empty -> Dice 1, distances 0; exactly
-one empty -> Dice 0, distances NaN ("n/a" in reports).
+one empty -> Dice 0, distances NaN ("n/a" in reports). Every row says which case it is in
+``status``: "ok" (in both), "only in prediction" (a false positive), "only in reference" (missed)
+or "both empty"; every label value present in the prediction or the reference gets a row.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -27,12 +29,39 @@ def _masks(pred: np.ndarray, ref: np.ndarray):
             torch.from_numpy(np.ascontiguousarray(ref))[None, None].float())
 
 
-def mask_metrics(pred: np.ndarray, ref: np.ndarray, spacing_kji: Sequence[float], voxel_ml: float) -> Dict[str, float]:
-    """Dice, HD95 (mm), mean symmetric surface distance (mm) and volumes (mL) of two boolean masks."""
+STATUSES = ("ok", "only in prediction", "only in reference", "both empty")
+NO_LABELS = "(no labels)"  # the name of the one row of a case whose prediction and reference are both empty
+
+
+def presence(n_pred: int, n_ref: int) -> str:
+    """Which of ``STATUSES`` a label is in, from its voxel counts in the prediction and the reference."""
+    if n_pred and n_ref:
+        return "ok"
+    if n_pred:
+        return "only in prediction"
+    return "only in reference" if n_ref else "both empty"
+
+
+def labels_to_report(pred: np.ndarray, ref: np.ndarray, names: Mapping[int, str]) -> Dict[int, str]:
+    """Label value -> name for every value named, or present (non-zero) in the prediction or the reference.
+
+    A value only the prediction holds is a false positive: it gets a row (Dice 0) rather than
+    being left out because the reference never names it.
+    """
+    present = set(np.unique(pred).tolist()) | set(np.unique(ref).tolist())
+    out = {int(v): str(n) for v, n in names.items() if int(v) != 0}
+    for value in sorted(int(v) for v in present if int(v) != 0):
+        out.setdefault(value, f"label {value}")
+    return dict(sorted(out.items()))
+
+
+def mask_metrics(pred: np.ndarray, ref: np.ndarray, spacing_kji: Sequence[float], voxel_ml: float) -> Dict[str, Any]:
+    """Dice, HD95 (mm), mean symmetric surface distance (mm), volumes (mL) and status of two boolean masks."""
     from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
 
     n_pred, n_ref = int(pred.sum()), int(ref.sum())
-    out: Dict[str, float] = {"volume_pred_ml": n_pred * voxel_ml, "volume_ref_ml": n_ref * voxel_ml}
+    out: Dict[str, Any] = {"volume_pred_ml": n_pred * voxel_ml, "volume_ref_ml": n_ref * voxel_ml,
+                           "status": presence(n_pred, n_ref)}
     out["volume_diff_ml"] = out["volume_pred_ml"] - out["volume_ref_ml"]
     out["volume_diff_percent"] = 100.0 * out["volume_diff_ml"] / out["volume_ref_ml"] if n_ref else math.nan
     if n_pred == 0 and n_ref == 0:
@@ -53,16 +82,24 @@ def mask_metrics(pred: np.ndarray, ref: np.ndarray, spacing_kji: Sequence[float]
 
 
 def segment_metrics(pred: Image, ref: Image, labels: Dict[int, str]) -> List[Dict[str, Any]]:
-    """Per label value: name, dice, hd95_mm, msd_mm, volumes. ``pred`` must already be on ``ref``'s grid."""
+    """Per label value: name, status, dice, hd95_mm, msd_mm, volumes. ``pred`` must already be on ``ref``'s grid.
+
+    Every value of ``labels`` and every value present in either labelmap gets a row
+    (``labels_to_report``); when there is none at all, one row named ``NO_LABELS`` (label "")
+    says that both are empty instead of the case silently having no row.
+    """
     if pred.array.shape != ref.array.shape:
         raise ValueError("prediction and reference must be on the same grid (see evaluation.align)")
     spacing = _spacing_kji(ref)
     voxel_ml = float(abs(np.linalg.det(ref.ijk_to_ras[:3, :3]))) / 1000.0
     rows = []
-    for value, name in sorted(labels.items()):
+    for value, name in labels_to_report(pred.array, ref.array, labels).items():
         row: Dict[str, Any] = {"label": int(value), "name": name}
         row.update(mask_metrics(pred.array == value, ref.array == value, spacing, voxel_ml))
         rows.append(row)
+    if not rows:
+        empty = np.zeros((1, 1, 1), dtype=bool)
+        rows.append(dict({"label": "", "name": NO_LABELS}, **mask_metrics(empty, empty, spacing, voxel_ml)))
     return rows
 
 

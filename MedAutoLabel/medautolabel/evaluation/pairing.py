@@ -8,8 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
+import numpy as np
+
 from ..errors import InputError
 from ..image import Image
+from ..limits import MAX_JSON_DEPTH, json_depth_exceeds
 
 PathLike = Union[str, Path]
 LABELMAP_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -71,14 +74,27 @@ class Labelmap:
     names: Dict[int, str] = field(default_factory=dict)  # label value -> name, when the file says
 
 
+def _read_json_object(path: Path) -> dict:
+    """A JSON object from ``path``; InputError for invalid JSON, absurd nesting or another top-level type."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        if json_depth_exceeds(text):
+            raise InputError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels", path)
+        doc = json.loads(text)
+    except (ValueError, RecursionError):
+        raise InputError("not valid JSON", path) from None
+    except OSError as e:
+        raise InputError(f"cannot be read ({type(e).__name__})", path) from None
+    if not isinstance(doc, dict):
+        raise InputError("expected a JSON object", path)
+    return doc
+
+
 def _dataset_json(path: Path) -> Optional[dict]:
     for folder in (path.parent, path.parent.parent):
         candidate = folder / "dataset.json"
         if candidate.is_file():
-            try:
-                return json.loads(candidate.read_text(encoding="utf-8"))
-            except ValueError:
-                raise InputError("not valid JSON", candidate) from None
+            return _read_json_object(candidate)
     return None
 
 
@@ -101,6 +117,8 @@ def read_labelmap(path: Path) -> Labelmap:
         meta = _dataset_json(path) or {}
         names = {int(k): v for k, v in meta.get("labels", {}).items() if int(k) != 0}
     if image.array.dtype.kind == "f":
+        if not np.all(np.isfinite(image.array)):
+            raise InputError("the labelmap holds NaN or infinite values, which are no label values", path)
         image = Image(image.array.round().astype("int32"), image.ijk_to_ras, image.meta)
     return Labelmap(image, names)
 
@@ -120,11 +138,12 @@ def predicted_classes(pred_path: Path) -> Dict[str, Dict[str, float]]:
     tags = pred_path.parent / f"{pred_path.name[: -len(_suffix(pred_path))]}.tags.json"
     if not tags.is_file():
         return {}
+    doc = _read_json_object(tags)
     try:
-        doc = json.loads(tags.read_text(encoding="utf-8"))
-    except ValueError:
-        raise InputError("not valid JSON", tags) from None
-    return {c["task"]: dict(c["probabilities"]) for c in doc.get("classifications", [])}
+        return {str(c["task"]): {str(k): float(v) for k, v in c["probabilities"].items()}
+                for c in doc.get("classifications", [])}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise InputError("not a medautolabel tags file: its classifications are malformed", tags) from None
 
 
 def _suffix(path: Path) -> str:

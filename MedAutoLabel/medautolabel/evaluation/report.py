@@ -13,7 +13,7 @@ import numpy as np
 
 from ..text import printable
 
-COLUMNS = ["case", "label", "name", "dice", "hd95_mm", "msd_mm", "volume_pred_ml", "volume_ref_ml",
+COLUMNS = ["case", "label", "name", "status", "dice", "hd95_mm", "msd_mm", "volume_pred_ml", "volume_ref_ml",
            "volume_diff_ml", "volume_diff_percent", "resampled"]
 METRICS = ["dice", "hd95_mm", "msd_mm", "volume_diff_ml"]
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..atomic import make_folder
+from ..cli_types import OneLineParser, positive_int
 from ..errors import MedAutoLabelError
 from ..ownership import check_new_folder
 
@@ -33,13 +34,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fine-tune this model (id or folder; the built-in one included): keeps its labels, "
                         "adds the dataset's new ones")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
-    p.add_argument("--epochs", type=int, help="number of epochs (overrides the config)")
+    p.add_argument("--epochs", type=positive_int, help="number of epochs (overrides the config)")
     p.add_argument("--resume", action="store_true", help="continue the run in MODEL_DIR from its last saved epoch")
     p.add_argument("--overwrite", action="store_true", help="train into a MODEL_DIR that is not empty, replacing "
                                                             "only a model medautolabel trained there")
     p.add_argument("--cache", type=Path, help="HDF5 cache file of preprocessed cases (default: in the user cache "
                                               "folder, one per dataset)")
-    p.add_argument("--stop-after", type=int, metavar="N", help=argparse.SUPPRESS)  # tests: stop as if killed
+    p.add_argument("--stop-after", type=positive_int, metavar="N", help=argparse.SUPPRESS)  # tests: stop as if killed
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,7 +78,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m medautolabel.training DATA -o MODEL_DIR ...`` (also what torchrun runs)."""
-    p = argparse.ArgumentParser(prog="medautolabel train", description="Train a MedAutoLabel model.",
+    p = OneLineParser(prog="medautolabel train", description="Train a MedAutoLabel model.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     argv = sys.argv[1:] if argv is None else list(argv)
