@@ -43,7 +43,7 @@ from medautolabel.image import Image
 from medautolabel.io import write_image
 from medautolabel.result import Code, SegmentInfo, Terminology
 from medautolabel.segnrrd import write_seg_nrrd
-from medautolabel.text import printable
+from medautolabel.text import escaped, printable
 
 HERE = Path(__file__).resolve().parent
 SECRETS = (PATIENT_NAME, "Jane", PATIENT_ID)
@@ -239,7 +239,9 @@ def test_hostile_file_names_give_one_inert_error_line(name, model_dir, tmp_path)
     snap = Snapshot(tmp_path / "in")
     out = tmp_path / "out"
     outcome = run_inprocess(label_args([bad], out, model_dir))
-    assert_refused(outcome, [printable(name)], [], untouched=snap, no_temps_in=[tmp_path], no_files_in=[out])
+    # a name with control characters is refused and shown escaped; others are shown made printable
+    shown = escaped(name) if any(ord(ch) < 32 for ch in name) else printable(name)
+    assert_refused(outcome, [shown], [], untouched=snap, no_temps_in=[tmp_path], no_files_in=[out])
 
 
 def test_a_hostile_model_id_gives_one_inert_error_line(tmp_path):
@@ -269,7 +271,7 @@ def test_the_slicer_worker_sends_inert_messages(model_dir, tmp_path):
     handle({"id": 7, "image": str(tmp_path / f"scan{ESC_CLEAR}\n.nii.gz"), "output": str(tmp_path / "out"),
             "model": str(model_dir), "device": "cpu"}, stream)
     message = json.loads(stream.getvalue().splitlines()[-1])
-    assert message["event"] == "error" and "scan .nii.gz" in message["message"], message
+    assert message["event"] == "error" and escaped(f"scan{ESC_CLEAR}\n.nii.gz") in message["message"], message
     assert printable(message["message"]) == message["message"]
 
 

@@ -24,7 +24,8 @@ from .atomic import atomic_output
 from .errors import InputError, MedAutoLabelError
 from .geometry import image_from_sitk, image_to_sitk, lps_affine_to_ras
 from .image import Image
-from .limits import MAX_NAME_BYTES, exceeds_memory, human_bytes, json_depth_exceeds, memory_problem, voxel_count
+from .limits import exceeds_memory, human_bytes, json_depth_exceeds, memory_problem, voxel_count
+from .text import escaped
 
 log = logging.getLogger(__name__)
 
@@ -120,14 +121,9 @@ def _check_path(p: Path) -> None:
 
     A name with control characters (a newline, an escape sequence) is refused too: it would end up in
     output names, CSV rows and terminal lines; the message shows it with those characters escaped.
-    So is a name too long to leave room for its output names (``limits.MAX_NAME_BYTES``).
     """
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in p.name):
-        shown = str(p).encode("unicode_escape").decode("ascii", "replace")
-        raise InputError("the file name holds control characters (shown escaped): rename it", shown)
-    if len(p.name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
-        raise InputError(f"the name is {len(p.name.encode('utf-8', 'surrogateescape'))} bytes long; at most "
-                         f"{MAX_NAME_BYTES} leave room for its output names: rename it", p)
+        raise InputError("the file name holds control characters (shown escaped): rename it", escaped(p))
     if p.is_symlink() and not p.exists():  # exists() is False for a dangling link and for a loop of links
         raise InputError("a symbolic link that leads nowhere (dangling, or a loop of links)", p)
     if not p.exists():

@@ -17,10 +17,6 @@ MAX_JSON_DEPTH = 64
 # More output channels than this is no segmentation network (label values are 1..255).
 MAX_CHANNELS = 1024
 
-# The longest input file or folder name (UTF-8 bytes) whose outputs can be written: an output's
-# temporary ".~medautolabel-<8 random>-<stem>.labels.csv" must fit in the 255 bytes a file name
-# may have on every common file system (24 + 11 bytes around the stem); 200 leaves room.
-MAX_NAME_BYTES = 200
 
 # An image with more non-finite (NaN, infinite) voxels than this share is refused rather than
 # repaired: what is left is not enough of an image to label.

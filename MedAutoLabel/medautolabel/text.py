@@ -34,6 +34,13 @@ def printable(text: object) -> str:
     return _CONTROLS.sub("", s)
 
 
+def escaped(text: object) -> str:
+    """``text`` with its control characters written as Python escapes (``\\x1b``, ``\\n``): inert, yet
+    it still tells which file is meant when the name itself holds them."""
+    return "".join(ch.encode("unicode_escape").decode("ascii") if _CONTROLS.match(ch) or _BREAKS.match(ch) else ch
+                   for ch in str(text))
+
+
 def is_printable(text: str) -> bool:
     """True when ``printable`` would leave ``text`` as it is."""
     return printable(text) == text
