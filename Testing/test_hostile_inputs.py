@@ -762,3 +762,23 @@ def test_slicer_evaluate_counts_a_segment_only_in_the_prediction(model_dir):
         assert table.GetNumberOfRows() == 2 and table.GetCellText(1, 5) == "only in prediction"
     finally:
         close_scene(scene)
+
+
+@pytest.mark.parametrize("failure", [MemoryError(), RuntimeError("DefaultCPUAllocator: can't allocate memory: you "
+                                                                  "tried to allocate 8589934592 bytes")],
+                         ids=["memory-error", "torch-cpu-allocator"])
+def test_running_out_of_memory_is_one_line(failure, model_dir, tmp_path, monkeypatch):
+    """The machine's memory running out while a case is labelled: one line naming the file, status 2, nothing written."""
+    from medautolabel import pipeline
+
+    def exhausted(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(pipeline, "label_image", exhausted)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    path = write_image(sphere_image(), inputs / "scan.nii.gz", atomic=False)
+    snap = Snapshot(inputs)
+    outcome = label([path], tmp_path / "out", model_dir)
+    assert_refused(outcome, ["scan.nii.gz"], ["out of memory"], untouched=snap, no_temps_in=[tmp_path],
+                   no_files_in=[tmp_path / "out"])

@@ -613,3 +613,19 @@ def test_overwrite_replaces_only_what_medautolabel_wrote(tmp_path):
     snap.assert_unchanged()
     assert json.loads((dataset / "dataset.json").read_text())["numTraining"] == 1
     assert (bundle / "configs" / "medautolabel.json").is_file() and temporaries(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_demo_refuses_a_folder_of_the_users_and_reruns_in_its_own(tmp_path):
+    """`demo --out` onto a folder holding someone's files is refused; a rerun in an earlier demo's folder works."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "phantom.png").write_bytes(b"my holiday photo")
+    snap = Snapshot(theirs)
+    outcome = run_inprocess(["demo", "--out", theirs, "--device", "cpu", "-q"])
+    assert_refused(outcome, [str(theirs)], ["not empty"], untouched=snap, no_temps_in=[theirs])
+    demo = tmp_path / "demo"
+    assert run_inprocess(["demo", "--out", demo, "--device", "cpu", "-q"]).status == 0
+    (demo / "notes.txt").write_text("mine\n")
+    assert run_inprocess(["demo", "--out", demo, "--device", "cpu", "-q"]).status == 0
+    assert (demo / "notes.txt").read_text() == "mine\n" and temporaries(demo) == []

@@ -127,13 +127,25 @@ def label_files(inputs: Sequence[PathLike], out_dir: PathLike, model: Union[str,
                 if upcoming is not None:
                     upcoming.cancel()
                 raise
-            except MedAutoLabelError as e:
+            except (MedAutoLabelError, MemoryError, RuntimeError) as e:
+                error = e if isinstance(e, MedAutoLabelError) else _out_of_memory_error(e, _path)
                 record["status"] = "error"
-                record["message"] = str(e)
+                record["message"] = str(error)
                 if fail_fast:
                     if upcoming is not None:
                         upcoming.cancel()
-                    raise
+                    raise error from None
             finally:
                 record["seconds"] = round(time.perf_counter() - t0, 3)
     return records
+
+
+def _out_of_memory_error(error: BaseException, path: PathLike) -> MedAutoLabelError:
+    """The one-line user error for the machine's memory running out while ``path`` was labelled; other
+    errors are bugs and are raised again as they are."""
+    from .device import is_host_out_of_memory
+
+    if not is_host_out_of_memory(error):
+        raise error
+    return MedAutoLabelError("out of memory while labelling it: close other programs or use a machine with more "
+                             "memory", path)

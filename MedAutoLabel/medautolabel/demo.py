@@ -8,8 +8,11 @@ from typing import Dict, List, Union
 
 import numpy as np
 
+from .atomic import make_folder
+from .errors import MedAutoLabelError
 from .modelcard import ModelCard
 from .models import resolve_model
+from .ownership import check_new_folder, is_ours
 from .phantoms import DEMO_SEED, HELD_OUT_SEEDS, TRAINING_SEEDS, make_phantom
 from .result import Result, SegmentInfo
 
@@ -42,6 +45,22 @@ def reference_segments(card: ModelCard, labels: np.ndarray, voxel_mm3: float) ->
     return out
 
 
+DEMO_FILES = ("phantom.nrrd", "phantom-reference.seg.nrrd", "phantom.seg.nrrd", "phantom.tags.json", "phantom.png")
+
+
+def check_demo_folder(out: Path) -> None:
+    """Refuse ``out`` unless it is new, empty, or an earlier demo's folder (its ``phantom.tags.json`` is ours).
+
+    In an earlier demo's folder only the five demo files are replaced; anything else there stays.
+    """
+    if is_ours(out / "phantom.tags.json"):
+        for name in DEMO_FILES:
+            if (out / name).is_dir():
+                raise MedAutoLabelError("is a folder, not a file", out / name)
+        return
+    check_new_folder(out, [])
+
+
 def run_demo(out_dir: Union[str, Path], device: str = "auto", seed: int = DEMO_SEED,
              model: Union[str, Path, ModelCard] = DEMO_MODEL, progress=None) -> DemoReport:
     """Make the phantom of ``seed``, label it, write the five demo files into ``out_dir`` and score it."""
@@ -54,7 +73,8 @@ def run_demo(out_dir: Union[str, Path], device: str = "auto", seed: int = DEMO_S
     if seed in TRAINING_SEEDS:
         raise ValueError(f"seed {seed} is a training seed; the demo must use a held-out one")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_demo_folder(out)
+    make_folder(out)
     card = resolve_model(model)
     ph = make_phantom(seed)
     voxel_mm3 = float(abs(np.linalg.det(ph.image.ijk_to_ras[:3, :3])))

@@ -147,6 +147,13 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and "out of memory" in str(error).lower() and "CUDA" in str(error)
 
 
+def is_host_out_of_memory(error: BaseException) -> bool:
+    """True when the machine's own memory ran out: Python's MemoryError or torch's CPU allocator failing."""
+    if isinstance(error, MemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+
+
 def empty_cache(device: torch.device) -> None:
     """Return cached GPU memory after an out-of-memory error."""
     if device.type == "cuda":

@@ -25,7 +25,7 @@ from .errors import InputError, MedAutoLabelError
 from .geometry import image_from_sitk, image_to_sitk, lps_affine_to_ras
 from .image import Image
 from .limits import exceeds_memory, human_bytes, json_depth_exceeds, memory_problem, voxel_count
-from .text import escaped
+from .text import escaped, printable
 
 log = logging.getLogger(__name__)
 
@@ -447,7 +447,7 @@ def _series_files(folder: Path, series_of: Optional[PathLike]) -> List[str]:
     else:
         chosen = max(series, key=lambda sid: len(series[sid]))
         if len(series) > 1:
-            log.info("%s: %d DICOM series found; reading the one with the most slices", folder.name, len(series))
+            log.info("%s: %d DICOM series found; reading the one with the most slices", printable(folder.name), len(series))
     _check_no_unreadable_slices(folder, chosen, {Path(f).name for files in series.values() for f in files})
     return series[chosen]
 
@@ -528,7 +528,7 @@ def _dicom_image(img: Any, positions: np.ndarray, meta: Dict[str, Any], folder: 
         f"slices tilted by {stack:.1f} deg and spaced {gaps.min():.2f}-{gaps.max():.2f} mm: "
         f"resampled onto a regular {median:.2f} mm grid orthogonal to the slices")
     meta["input_repairs"] = [_geometry_repair(gaps, median, meta["geometry_corrected"])]
-    log.info("%s: %s", folder.name, meta["geometry_corrected"])  # recorded in input_repairs, not printed
+    log.info("%s: %s", printable(folder.name), meta["geometry_corrected"])  # recorded in input_repairs, not printed
     return Image(out, lps_affine_to_ras(lps), meta)
 
 

@@ -26,6 +26,7 @@ from .ownership import TAGS_FORMAT
 from .result import Result, SegmentInfo
 from .segnrrd import labelmap_uint8, write_seg_nrrd
 from .terminology import terminology_entry
+from .text import printable
 
 PathLike = Union[str, Path]
 FORMATS = ("seg.nrrd", "nii.gz")
@@ -67,7 +68,7 @@ def write_label_table(segments: Sequence[SegmentInfo], path: PathLike) -> None:
         w.writerow(["value", "name", "r", "g", "b", "terminology"])
         for s in segments:
             rgb = [round(255 * min(max(float(c), 0.0), 1.0)) for c in s.color]
-            w.writerow([int(s.label_value), s.name, *rgb, terminology_entry(s.terminology)])
+            w.writerow([int(s.label_value), printable(s.name), *rgb, terminology_entry(s.terminology)])
 
 
 def tags_document(result: Result, labelmap_file: str = "") -> dict:
