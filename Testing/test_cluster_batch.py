@@ -93,7 +93,9 @@ def test_a_killed_batch_resumes_without_rewriting_finished_cases(model_dir, tmp_
         os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: driver, scheduler, worker
         proc.wait(timeout=30)
     # pathlib's glob matches hidden names: a SIGKILL during a write can leave a temporary behind
-    finished = {p.name: p.stat().st_mtime_ns for p in out.glob("*.seg.nrrd") if not p.name.startswith(TEMP_PREFIX)}
+    # a case is finished when all its outputs are there (a kill between two renames leaves only its tags.json)
+    finished = {p.name: p.stat().st_mtime_ns for p in out.glob("*.seg.nrrd")
+                if not p.name.startswith(TEMP_PREFIX) and (out / p.name.replace(".seg.nrrd", ".tags.json")).exists()}
     assert 2 <= len(finished) < 6
     assert not (out / "summary.csv").exists()
     # Whether the kill hit a write is luck: make sure one unfinished case has a half-written temporary

@@ -120,8 +120,8 @@ def label_output_below_a_file(tmp: Path, model: Path) -> Case:
 
 
 def label_name_too_long(tmp: Path, model: Path) -> Case:
-    image = scan(tmp / "in", "x" * 248 + ".nii")  # 252 bytes; its <stem>.seg.nrrd would be 257
-    return Case(label_args([image], tmp / "out", model), ["x" * 248 + ".seg.nrrd"], ["file name too long"],
+    image = scan(tmp / "in", "x" * 248 + ".nii")  # 252 bytes; its <stem>.tags.json (written first) would be 258
+    return Case(label_args([image], tmp / "out", model), ["x" * 248 + ".tags.json"], ["file name too long"],
                 [tmp / "in"], empty=[tmp / "out"], temps=[tmp])
 
 

@@ -51,13 +51,16 @@ def write_result(result: Result, out_dir: PathLike, stem: str, fmt: str = "seg.n
         labelmap = result.labelmap.with_array(labelmap_uint8(result.labelmap, result.segments))
     except ValueError as e:
         raise MedAutoLabelError(f"cannot write the result: {e}", paths[0]) from None
-    with atomic_outputs(paths) as temps:
+    # tags.json, the marker that makes the others ours (ownership.py), is renamed into place first: a
+    # SIGKILL between two renames leaves a marker without its labelmap, which a rerun replaces, never
+    # a labelmap without its marker, which a rerun would have to refuse as someone else's file
+    with atomic_outputs([paths[-1], *paths[:-1]]) as (tags_temp, *temps):
         if fmt == "seg.nrrd":
             write_seg_nrrd(labelmap, result.segments, temps[0], atomic=False)
         else:
             write_image(labelmap, temps[0], atomic=False)
             write_label_table(result.segments, temps[1])
-        write_tags(result, temps[-1], labelmap_file=paths[0].name)
+        write_tags(result, tags_temp, labelmap_file=paths[0].name)
     return paths
 
 
