@@ -156,3 +156,14 @@ def test_command_line_settings_win_and_are_recorded(spheres, tmp_path):
             prov["config"]["classification"]["interval"]) == (1, 3, 2)
     assert prov["device_defaults"] == {"classification.crop_size": [96, 96, 96]}
     assert prov["epochs_run"] == 1
+
+
+def test_a_resumed_run_keeps_the_values_its_first_start_chose(spheres, tmp_path):
+    cfg = dict(tiny_without("iterations_per_epoch"), epochs=2)
+    common = dict(device="cpu", cache_path=tmp_path / "c.h5", log=lambda m: None)
+    train(spheres, tmp_path / "model", config=cfg, stop_after_epochs=1, **common)
+    messages = []
+    result = train(spheres, tmp_path / "model", resume=True, **dict(common, log=messages.append))
+    assert not any(m.startswith("cpu defaults: ") for m in messages)  # nothing left to choose: config.json has it
+    prov = ModelCard.load(result.model_dir).provenance
+    assert prov["device_defaults"]["iterations_per_epoch"] == 24 and prov["epochs_run"] == 2

@@ -1,9 +1,11 @@
 """The training config: a JSON (or YAML, if PyYAML is installed) file merged over defaults.
 
 Every section is a dataclass; unknown keys are errors naming the file and the key, so that a typo
-is never silently ignored. What the model card needs (labels, input channels, preprocessing,
-network) is validated once more by ``ModelCard.from_dict`` when the output card is assembled
-(``medautolabel.training.export.build_card``). The format is documented in docs/training.md.
+is never silently ignored. A few keys default to null: ``device_defaults`` fills them for the
+device the run uses (a CPU gets shorter epochs and lighter classification bags than a GPU). What
+the model card needs (labels, input channels, preprocessing, network) is validated once more by
+``ModelCard.from_dict`` when the output card is assembled (``medautolabel.training.export.build_card``).
+The format is documented in docs/training.md.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """``train()``: the training run behind ``medautolabel train``.
 
-One epoch = ``iterations_per_epoch`` optimiser steps on batches of random crops. Every random
-choice of epoch e on rank r is drawn from generators seeded with (seed, e, r), so a run resumed
-from ``last.pt`` (saved after every epoch with the optimiser, scheduler and scaler states)
-continues exactly as the uninterrupted run would have.
+One epoch = ``iterations_per_epoch`` optimiser steps on batches of random crops; settings the config
+leaves null are chosen for the device (``config.device_defaults``: a CPU gets epochs sized by the
+dataset), and after the first iterations one line says how long the run will take (``Estimate``).
+Every random choice of epoch e on rank r is drawn from generators seeded with (seed, e, r), so a
+run resumed from ``last.pt`` (saved after every epoch with the optimiser, scheduler and scaler
+states) continues exactly as the uninterrupted run would have.
 
 Files in MODEL_DIR: ``model.json`` + ``model.pt`` (the best weights so far, usable at once by
 ``medautolabel label``), and ``training/`` with ``config.json``, ``last.pt``, ``log.csv`` and
@@ -112,11 +114,11 @@ def minutes(seconds: float) -> str:
 class Estimate:
     """How long an epoch takes, from the first iterations' timings (segmentation steps and bag steps apart).
 
-    The run's very first iteration (allocations, kernel selection) is counted only when it is all there
-    is (one-iteration epochs). The estimate is
-    ready after ``ESTIMATE_AFTER`` counted iterations including one bag step when the epoch has bag
-    steps, or at the end of the first epoch whatever was counted; validation time joins it once one
-    validation has run (spread over ``validation.interval`` epochs).
+    The run's very first iteration (allocations, kernel selection) is counted only when it is all
+    there is (one-iteration epochs). The estimate is ready after ``ESTIMATE_AFTER`` counted
+    iterations including one bag step when the epoch has bag steps (or, whatever was counted, at the
+    end of the first epoch); validation time joins it once one validation has run (spread over
+    ``validation.interval`` epochs).
     """
 
     ESTIMATE_AFTER = 3
@@ -313,6 +315,7 @@ def _train(data, model_dir: Path, config, base, dev: torch.device, overrides, re
         scaler.load_state_dict(state["scaler"])
         start_epoch, best, best_epoch, bad = state["epoch"], state["best"], state["best_epoch"], state["bad"]
         elapsed, best_metrics = state["elapsed"], json.loads(state["best_metrics"])
+        chosen = json.loads(state.get("device_defaults", "{}"))  # what the run's first start chose
         sched.lr_lambdas[0] = _lr_lambda(cfg, total_its)  # --epochs may have changed the length
         torch.set_rng_state(state["torch_rng"])
         if state.get("dataset") != report.file_shas and dist.main:
@@ -461,7 +464,8 @@ def _train(data, model_dir: Path, config, base, dev: torch.device, overrides, re
             _save_atomic({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                           "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best, "best_epoch": best_epoch,
                           "bad": bad, "elapsed": seconds, "best_metrics": json.dumps(best_metrics),
-                          "torch_rng": torch.get_rng_state(), "dataset": report.file_shas}, run_dir / "last.pt")
+                          "torch_rng": torch.get_rng_state(), "dataset": report.file_shas,
+                          "device_defaults": json.dumps(chosen)}, run_dir / "last.pt")
             val = f" val mean Dice {row['val_mean_dice']:.4f} (best {best:.4f} @ {best_epoch})" \
                 if "val_mean_dice" in row else ""
             say(f"epoch {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f}{val} {row['seconds']:.1f} s")
