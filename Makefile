@@ -1,6 +1,7 @@
 # MedAutoLabel developer commands. Every target sets up .venv on a fresh machine first.
 #   make demo   label a synthetic CT angiogram with the built-in model (writes out/demo/)
 #   make test   lint (ruff, Python 3.9 rules) + the whole test suite
+#   make test-fast  lint + the tests not marked slow (the inner loop; make test runs everything)
 #   make bench  MONAI bundle runner vs medautolabel label: time, peak RSS, agreement (docs/benchmarks.md)
 
 
@@ -11,7 +12,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint pytest bench venv clean
+.PHONY: demo test test-fast lint pytest bench venv clean
 
 venv: $(STAMP)
 
@@ -32,6 +33,9 @@ pytest: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test: lint pytest
+
+test-fast: lint $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python -m medautolabel.bench --out docs/benchmarks.md --work out/bench

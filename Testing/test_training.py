@@ -219,6 +219,7 @@ def test_cache_hit_partial_update_and_rebuild_when_spacing_changes(dataset, tmp_
     assert cache_module.CaseStore(path, fourth.case_keys, True).read(0)[0].shape == (1, 12, 12, 12)  # 36 mm / 3 mm
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_end_with_identical_weights(trained, dataset, tmp_path):
     _, root, _ = trained
     torchrun = Path(sys.executable).with_name("torchrun")

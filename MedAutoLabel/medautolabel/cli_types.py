@@ -72,7 +72,7 @@ def positive_int(text: str) -> int:
     """A whole number >= 1 (a count of things to make or processes to start)."""
     value = _integer(text)
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
     return value
 
 
@@ -80,6 +80,6 @@ def non_negative_int(text: str) -> int:
     """A whole number >= 0 (a seed)."""
     value = _integer(text)
     if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
 

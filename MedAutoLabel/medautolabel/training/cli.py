@@ -22,6 +22,10 @@ EPILOG = """examples:
   torchrun --nproc_per_node 4 -m medautolabel.training Dataset001 -o models/my-model
 See docs/training.md."""
 
+# Command-line options that set a config key: {key: (argparse dest, option)}.
+OPTIONS = {"epochs": ("epochs", "--epochs"), "iterations_per_epoch": ("iterations", "--iterations"),
+           "classification.interval": ("bag_interval", "--bag-interval")}
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", type=Path, help="dataset folder (imagesTr/, labelsTr/, dataset.json) or a MONAI "
@@ -35,6 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "adds the dataset's new ones")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--epochs", type=positive_int, help="number of epochs (overrides the config)")
+    p.add_argument("--iterations", type=positive_int, metavar="N", help="optimiser steps per epoch (overrides the config's "
+                                                               "iterations_per_epoch; default: 250 on a GPU, from "
+                                                               "the dataset size on a CPU)")
+    p.add_argument("--bag-interval", type=positive_int, metavar="N", help="a classification bag every N steps (overrides "
+                                                                 "classification.interval; default: 1 on a GPU, 4 on "
+                                                                 "a CPU)")
     p.add_argument("--resume", action="store_true", help="continue the run in MODEL_DIR from its last saved epoch")
     p.add_argument("--overwrite", action="store_true", help="train into a MODEL_DIR that is not empty, replacing "
                                                             "only a model medautolabel trained there")
@@ -45,22 +55,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``medautolabel train`` from parsed arguments; returns the exit status."""
+    from .config import COUNTS, ConfigError, count_problem, load_config
     from .loop import train
 
     command = "medautolabel train " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
+    overrides = {key: getattr(args, dest) for key, (dest, _) in OPTIONS.items()}
     try:
+        for key, (_, flag) in OPTIONS.items():
+            problem = count_problem(overrides[key], COUNTS[key])
+            if problem:
+                raise ConfigError(problem, flag)
+        if not args.resume:
+            load_config(args.config)  # a broken config fails before any folder is made
         if not args.resume and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 checks, before it writes
             check_new_folder(args.model_dir, [args.model_dir / "model.json", args.model_dir / "model.pt"],
                              [args.data], args.overwrite)
             make_folder(args.model_dir)  # a read-only or forbidden place fails here, in one line
         train(args.data, args.model_dir, config=args.config, base=args.base, device=args.device,
-              epochs=args.epochs, resume=args.resume, cache_path=args.cache, command=command,
+              overrides=overrides, resume=args.resume, cache_path=args.cache, command=command,
               stop_after_epochs=args.stop_after)
     except MedAutoLabelError as e:
         print(f"medautolabel: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: continue with --resume", file=sys.stderr)
+        print("medautolabel: error: interrupted: continue with --resume", file=sys.stderr)
         return 130
     return 0
 

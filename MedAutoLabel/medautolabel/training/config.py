@@ -1,9 +1,11 @@
 """The training config: a JSON (or YAML, if PyYAML is installed) file merged over defaults.
 
 Every section is a dataclass; unknown keys are errors naming the file and the key, so that a typo
-is never silently ignored. What the model card needs (labels, input channels, preprocessing,
-network) is validated once more by ``ModelCard.from_dict`` when the output card is assembled
-(``medautolabel.training.export.build_card``). The format is documented in docs/training.md.
+is never silently ignored. A few keys default to null: ``device_defaults`` fills them for the
+device the run uses (a CPU gets shorter epochs and lighter classification bags than a GPU). What
+the model card needs (labels, input channels, preprocessing, network) is validated once more by
+``ModelCard.from_dict`` when the output card is assembled (``medautolabel.training.export.build_card``).
+The format is documented in docs/training.md.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from ..errors import MedAutoLabelError
 
@@ -47,7 +49,7 @@ class Optimizer:
 @dataclass
 class Schedule:
     name: str = "cosine"  # "cosine" (after a linear warm-up) or "constant"
-    warmup_iterations: int = 200
+    warmup_iterations: Optional[int] = None  # null: 200, or a tenth of the run when that is shorter (device_defaults)
     min_lr: float = 0.0
 
 
@@ -85,8 +87,8 @@ class Classification:
     """How image-level classes are trained (multiple-instance learning; docs/training.md)."""
 
     weight: float = 0.5  # classification loss weight
-    interval: int = 1  # one positive + one negative case every this many iterations
-    crop_size: List[int] = field(default_factory=lambda: [128, 128, 128])  # largest bag (whole case if smaller)
+    interval: Optional[int] = None  # one positive + one negative case every this many iterations (null: by device)
+    crop_size: Optional[List[int]] = None  # largest bag (whole case if smaller; null: by device)
     smoothing_mm: float = 1.0  # written to the card; the same Gaussian is used in the training loss
 
 
@@ -115,7 +117,7 @@ class TrainConfig:
     patch_size: List[int] = field(default_factory=lambda: [64, 64, 64])
     batch_size: int = 2
     epochs: int = 100
-    iterations_per_epoch: int = 250
+    iterations_per_epoch: Optional[int] = None  # null: 250 on a GPU, from the dataset size on a CPU
     optimizer: Optimizer = field(default_factory=Optimizer)
     schedule: Schedule = field(default_factory=Schedule)
     validation: Validation = field(default_factory=Validation)
@@ -150,6 +152,11 @@ def _check_type(value: Any, default: Any, where: str, path: Optional[Path]) -> A
     return value
 
 
+def _printable(text: str, limit: int = 60) -> str:
+    """A config key as it may be shown: control and other unprintable characters as "?", cut at ``limit``."""
+    return "".join(ch if ch.isprintable() else "?" for ch in text)[:limit]
+
+
 def _build(cls: Any, data: Any, where: str, path: Optional[Path]) -> Any:
     """A dataclass instance from a dict: defaults for missing keys, errors for unknown ones."""
     if not isinstance(data, dict):
@@ -157,7 +164,7 @@ def _build(cls: Any, data: Any, where: str, path: Optional[Path]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
-            raise ConfigError(f"key '{(where + '.') if where else ''}{key}': unknown (expected one of: "
+            raise ConfigError(f"key '{(where + '.') if where else ''}{_printable(key)}': unknown (expected one of: "
                               f"{', '.join(fields)})", path)
     default = cls()
     kwargs = {}
@@ -235,6 +242,32 @@ def load_config(source: Union[None, str, Path, Dict[str, Any]] = None,
     return cfg
 
 
+# Whole-number settings and their smallest allowed value (null, where allowed, means "choose for me").
+COUNTS = {"batch_size": 1, "epochs": 1, "iterations_per_epoch": 1, "validation.interval": 1,
+          "classification.interval": 1, "early_stopping_patience": 0, "workers": 0, "schedule.warmup_iterations": 0}
+
+
+def count_problem(value: Any, lo: int) -> Optional[str]:
+    """Why ``value`` is not a whole number >= ``lo`` (None when it is one, or is null)."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= lo):
+        return None
+    return f"expected an integer >= {lo}, got {json.dumps(value)[:40]}"
+
+
+def _slot(cfg: TrainConfig, key: str) -> Tuple[Any, str]:
+    """The section object holding the dotted ``key`` and the attribute name within it."""
+    *parents, name = key.split(".")
+    owner: Any = cfg
+    for part in parents:
+        owner = getattr(owner, part)
+    return owner, name
+
+
+def _get(cfg: TrainConfig, key: str) -> Any:
+    owner, name = _slot(cfg, key)
+    return getattr(owner, name)
+
+
 def validate(cfg: TrainConfig, path: Optional[Path] = None) -> None:
     """Range checks the dataclasses cannot express."""
     def fail(key: str, problem: str) -> ConfigError:
@@ -250,14 +283,14 @@ def validate(cfg: TrainConfig, path: Optional[Path] = None) -> None:
             factor *= int(s) if isinstance(s, int) else max(s)
         if any(p % factor for p in cfg.patch_size):
             raise fail("patch_size", f"each size must be a multiple of {factor} (the UNet's total stride)")
-    for key, value, lo in (("batch_size", cfg.batch_size, 1), ("epochs", cfg.epochs, 1),
-                           ("iterations_per_epoch", cfg.iterations_per_epoch, 1),
-                           ("validation.interval", cfg.validation.interval, 1),
-                           ("classification.interval", cfg.classification.interval, 1),
-                           ("early_stopping_patience", cfg.early_stopping_patience, 0),
-                           ("workers", cfg.workers, 0), ("schedule.warmup_iterations", cfg.schedule.warmup_iterations, 0)):
-        if value < lo:
-            raise fail(key, f"expected an integer >= {lo}, got {value}")
+    for key, lo in COUNTS.items():
+        problem = count_problem(_get(cfg, key), lo)
+        if problem:
+            raise fail(key, problem)
+    crop = cfg.classification.crop_size
+    if crop is not None and not (isinstance(crop, list) and len(crop) == 3
+                                 and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in crop)):
+        raise fail("classification.crop_size", "expected 3 integers > 0 or null")
     if not 0.0 <= cfg.validation.fraction < 1.0:
         raise fail("validation.fraction", "expected a number in 0..1 (exclusive)")
     if cfg.optimizer.lr <= 0:
@@ -279,3 +312,52 @@ def validate(cfg: TrainConfig, path: Optional[Path] = None) -> None:
 def default_channels(modality: str) -> List[Dict[str, Any]]:
     """Input channels when the config names none: two CT windows, or MR percentiles."""
     return [dict(c) for c in (DEFAULT_CT_CHANNELS if modality == "CT" else DEFAULT_MR_CHANNELS)]
+
+
+# What ``device_defaults`` picks for the keys a config leaves null (docs/training.md, "CPU defaults").
+GPU_DEFAULTS = {"iterations_per_epoch": 250, "classification.interval": 1,
+                "classification.crop_size": [128, 128, 128], "schedule.warmup_iterations": 200}
+CPU_ITERATIONS_PER_CASE = 4  # optimiser steps per training case and epoch (batch_size crops each)
+CPU_ITERATIONS = (10, 100)  # fewest and most iterations per epoch on a CPU
+CPU_BAG_INTERVAL = 4  # a classification bag (2 whole cases) every 4 iterations instead of every one
+CPU_BAG_CROP = [96, 96, 96]  # largest bag on a CPU (0.42x the voxels of 128^3)
+WARMUP_SHARE = 10  # on a CPU, warm-up is at most a tenth of the run so that short runs leave it
+
+
+def device_defaults(cfg: TrainConfig, device_type: str, training_cases: int) -> Dict[str, Any]:
+    """Fill the keys the config left null with values for the device; returns them ({dotted key: value}).
+
+    A GPU gets the long-standing defaults (``GPU_DEFAULTS``). A CPU is far slower per voxel, so there
+    an epoch is sized by the dataset (``CPU_ITERATIONS_PER_CASE`` steps per training case, within
+    ``CPU_ITERATIONS``), classification bags are smaller and come every ``CPU_BAG_INTERVAL`` steps, and
+    the warm-up is at most a tenth of the run. Values given in the config (or on the command line)
+    are never changed.
+    """
+    if device_type in ("cuda", "mps"):
+        chosen: Dict[str, Any] = dict(GPU_DEFAULTS)
+    else:
+        lo, hi = CPU_ITERATIONS
+        chosen = {"iterations_per_epoch": min(hi, max(lo, CPU_ITERATIONS_PER_CASE * max(1, training_cases))),
+                  "classification.interval": CPU_BAG_INTERVAL, "classification.crop_size": list(CPU_BAG_CROP)}
+        its = cfg.iterations_per_epoch or chosen["iterations_per_epoch"]
+        chosen["schedule.warmup_iterations"] = min(GPU_DEFAULTS["schedule.warmup_iterations"],
+                                                   max(1, cfg.epochs * its // WARMUP_SHARE))
+    applied: Dict[str, Any] = {}
+    for key, value in chosen.items():
+        owner, name = _slot(cfg, key)
+        if getattr(owner, name) is None:
+            setattr(owner, name, value)
+            applied[key] = value
+    return applied
+
+
+def apply_overrides(cfg: TrainConfig, overrides: Dict[str, Any]) -> None:
+    """Set ``{dotted key: value}`` on the config (None: not given); counts are checked as in a config file."""
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        problem = count_problem(value, COUNTS[key]) if key in COUNTS else None
+        if problem:
+            raise ConfigError(f"key '{key}': {problem}")
+        owner, name = _slot(cfg, key)
+        setattr(owner, name, value)

@@ -1,9 +1,11 @@
 """``train()``: the training run behind ``medautolabel train``.
 
-One epoch = ``iterations_per_epoch`` optimiser steps on batches of random crops. Every random
-choice of epoch e on rank r is drawn from generators seeded with (seed, e, r), so a run resumed
-from ``last.pt`` (saved after every epoch with the optimiser, scheduler and scaler states)
-continues exactly as the uninterrupted run would have.
+One epoch = ``iterations_per_epoch`` optimiser steps on batches of random crops; settings the config
+leaves null are chosen for the device (``config.device_defaults``: a CPU gets epochs sized by the
+dataset), and after the first iterations one line says how long the run will take (``Estimate``).
+Every random choice of epoch e on rank r is drawn from generators seeded with (seed, e, r), so a
+run resumed from ``last.pt`` (saved after every epoch with the optimiser, scheduler and scaler
+states) continues exactly as the uninterrupted run would have.
 
 Files in MODEL_DIR: ``model.json`` + ``model.pt`` (the best weights so far, usable at once by
 ``medautolabel label``), and ``training/`` with ``config.json``, ``last.pt``, ``log.csv`` and
@@ -23,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -33,7 +35,7 @@ from ..errors import Cancelled
 from ..modelcard import ModelCard
 from . import distributed
 from .cache import CaseStore, build_cache, default_cache_path
-from .config import ConfigError, TrainConfig, load_config
+from .config import ConfigError, TrainConfig, apply_overrides, device_defaults, load_config
 from .data import load_dataset, split
 from .export import Plan, grow_state_dict, plan_model, state_sha256, write_model
 from .losses import EvidenceMax, evidence_loss, segmentation_loss
@@ -103,6 +105,62 @@ def _batches(sampler: PatchSampler, cfg: TrainConfig, seed: int):
     return iter(loader)
 
 
+def minutes(seconds: float) -> str:
+    """A duration for people: "0.4 min", "12 min", "3.5 h"."""
+    m = seconds / 60.0
+    return f"{m / 60.0:.1f} h" if m >= 120 else f"{m:.0f} min" if m >= 10 else f"{m:.1f} min"
+
+
+class Estimate:
+    """How long an epoch takes, from the first iterations' timings (segmentation steps and bag steps apart).
+
+    The run's very first iteration (allocations, kernel selection) is counted only when it is all
+    there is (one-iteration epochs). The estimate is ready after ``ESTIMATE_AFTER`` counted
+    iterations including one bag step when the epoch has bag steps (or, whatever was counted, at the
+    end of the first epoch); validation time joins it once one validation has run (spread over
+    ``validation.interval`` epochs).
+    """
+
+    ESTIMATE_AFTER = 3
+
+    def __init__(self, iterations: int, bag_steps: int, validation_interval: int) -> None:
+        self.iterations, self.bag_steps, self.validation_interval = iterations, bag_steps, validation_interval
+        self.step: List[float] = []
+        self.bag: List[float] = []
+        self.validation: Optional[float] = None
+        self.first: Optional[Tuple[float, Optional[float]]] = None
+
+    def add(self, step_seconds: float, bag_seconds: Optional[float]) -> None:
+        """One iteration: its segmentation step, and its bag step (None: the iteration had none)."""
+        if self.first is None:
+            self.first = (step_seconds, bag_seconds)
+            return
+        self.step.append(step_seconds)
+        if bag_seconds is not None:
+            self.bag.append(bag_seconds)
+
+    def ready(self) -> bool:
+        return len(self.step) >= self.ESTIMATE_AFTER and (self.bag_steps == 0 or len(self.bag) > 0)
+
+    def epoch_seconds(self) -> Optional[float]:
+        """Estimated seconds per epoch (None before anything was counted)."""
+        if self.first is None:
+            return None
+        step = self.step or [self.first[0]]
+        bag = self.bag or ([self.first[1]] if self.first[1] is not None else [0.0])
+        seconds = self.iterations * sum(step) / len(step) + self.bag_steps * sum(bag) / len(bag)
+        if self.validation is not None:
+            seconds += self.validation / self.validation_interval
+        return seconds
+
+    def line(self, epochs: int) -> str:
+        """The one estimate line printed up front."""
+        per = self.epoch_seconds() or 0.0
+        val = "" if self.validation is not None else " plus validation"
+        return (f"estimate: about {minutes(per)} per epoch, {minutes(per * epochs)} in all{val} ({epochs} epoch(s) "
+                f"of {self.iterations} iterations; {self.bag_steps} with a classification bag)")
+
+
 class _Log:
     """log.csv (rows after a resumed epoch are dropped) and TensorBoard when it is installed."""
 
@@ -141,7 +199,7 @@ def _save_atomic(obj: Any, path: Path) -> None:
 
 
 def _prepare_run(model_dir: Path, config: Union[None, str, Path, Dict[str, Any], TrainConfig], resume: bool,
-                 epochs: Optional[int]) -> TrainConfig:
+                 overrides: Dict[str, Any]) -> TrainConfig:
     run_dir = model_dir / "training"
     saved = run_dir / "config.json"
     if resume:
@@ -153,8 +211,7 @@ def _prepare_run(model_dir: Path, config: Union[None, str, Path, Dict[str, Any],
             raise ConfigError("the folder already holds a training run: add --resume to continue it, "
                               "or choose another output folder", model_dir)
         cfg = config if isinstance(config, TrainConfig) else load_config(config)
-    if epochs is not None:
-        cfg.epochs = int(epochs)
+    apply_overrides(cfg, overrides)
     return cfg
 
 
@@ -163,10 +220,14 @@ def train(data: Union[str, Path], model_dir: Union[str, Path],
           base: Optional[Union[str, Path, ModelCard]] = None, device: str = "auto", epochs: Optional[int] = None,
           resume: bool = False, cache_path: Optional[Union[str, Path]] = None, command: Optional[str] = None,
           log: Optional[LogFn] = None, progress: Optional[ProgressFn] = None,
-          cancel: Optional[Callable[[], bool]] = None, stop_after_epochs: Optional[int] = None) -> TrainResult:
+          cancel: Optional[Callable[[], bool]] = None, stop_after_epochs: Optional[int] = None,
+          overrides: Optional[Dict[str, Any]] = None) -> TrainResult:
     """Train a model on ``data`` into ``model_dir`` (see docs/training.md).
 
-    ``progress(info)`` hears about every iteration (epoch, iteration, loss) and validation;
+    ``epochs`` and ``overrides`` (``{dotted config key: value}``, e.g. ``{"iterations_per_epoch": 20}``)
+    win over the config; keys the config leaves null get the device's defaults (``device_defaults``).
+    ``progress(info)`` hears about every iteration (epoch, iteration, loss, once known the estimated
+    seconds per epoch) and validation;
     ``cancel()`` returning True stops after the current iteration (raises Cancelled; the last
     finished epoch can be resumed); ``stop_after_epochs`` ends the run early as if killed (tests).
     """
@@ -177,20 +238,23 @@ def train(data: Union[str, Path], model_dir: Union[str, Path],
     if dist.enabled and dev.type == "cuda":
         dev = torch.device("cuda", dist.local_rank)
     say: LogFn = (log or (lambda m: print(m, flush=True))) if dist.main else (lambda m: None)
+    overrides = dict(overrides or {})
+    if epochs is not None:
+        overrides["epochs"] = epochs
     try:
-        return _train(data, model_dir, config, base, dev, epochs, resume, cache_path, command, say, progress,
+        return _train(data, model_dir, config, base, dev, overrides, resume, cache_path, command, say, progress,
                       cancel, stop_after_epochs, dist, t_start)
     finally:
         distributed.cleanup(dist)
 
 
-def _train(data, model_dir: Path, config, base, dev: torch.device, epochs, resume: bool, cache_path, command,
+def _train(data, model_dir: Path, config, base, dev: torch.device, overrides, resume: bool, cache_path, command,
            say: LogFn, progress, cancel, stop_after_epochs, dist: distributed.Dist, t_start: float) -> TrainResult:
     from ..models import resolve_model
     from ..network import build_network, read_state_dict
     from ..pipeline import software_versions
 
-    cfg = _prepare_run(model_dir, config, resume, epochs)
+    cfg = _prepare_run(model_dir, config, resume, overrides)
     run_dir = model_dir / "training"
     threads = cfg.threads or (max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
                               if dist.enabled and dev.type == "cpu" else None)
@@ -204,6 +268,10 @@ def _train(data, model_dir: Path, config, base, dev: torch.device, epochs, resum
     card = ModelCard.from_dict(plan.card)
     train_cases, val_cases = split(dataset, cfg.validation.fraction, cfg.seed, cfg.validation.max_cases)
     all_cases = train_cases + val_cases
+    chosen = device_defaults(cfg, dev.type, len(train_cases))
+    if chosen:
+        say(f"{dev.type} defaults: " + ", ".join(f"{k} {v}" for k, v in chosen.items())
+            + " (set them in the config to choose others)")
 
     # --- cache (rank 0 builds, the others wait and read)
     cpath = Path(cache_path or cfg.cache.path or default_cache_path(dataset.root)).expanduser()
@@ -247,6 +315,7 @@ def _train(data, model_dir: Path, config, base, dev: torch.device, epochs, resum
         scaler.load_state_dict(state["scaler"])
         start_epoch, best, best_epoch, bad = state["epoch"], state["best"], state["best_epoch"], state["bad"]
         elapsed, best_metrics = state["elapsed"], json.loads(state["best_metrics"])
+        chosen = json.loads(state.get("device_defaults", "{}"))  # what the run's first start chose
         sched.lr_lambdas[0] = _lr_lambda(cfg, total_its)  # --epochs may have changed the length
         torch.set_rng_state(state["torch_rng"])
         if state.get("dataset") != report.file_shas and dist.main:
@@ -279,7 +348,7 @@ def _train(data, model_dir: Path, config, base, dev: torch.device, epochs, resum
         out["provenance"] = {
             "trained_by": "medautolabel train", "command": command or "medautolabel.training.train()",
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "config": cfg.to_dict(),
+            "config": cfg.to_dict(), "device_defaults": chosen,
             "dataset": {"name": dataset.name, "sha256": dataset_hash, "training_cases": len(train_cases),
                         "validation_cases": len(val_cases), "labels": {str(k): v for k, v in dataset.labels.items()}},
             "seeds": {"seed": cfg.seed, "validation_split_seed": cfg.seed,
@@ -295,6 +364,9 @@ def _train(data, model_dir: Path, config, base, dev: torch.device, epochs, resum
     history: List[Dict[str, Any]] = []
     stopped = False
     epoch = start_epoch
+    its = cfg.iterations_per_epoch
+    estimate = Estimate(its, -(-its // cfg.classification.interval) if tasks else 0, cfg.validation.interval)
+    told = False
     for epoch in range(start_epoch, cfg.epochs):
         t_epoch = time.perf_counter()
         epoch_seed = _seed_for(cfg.seed, epoch, dist.rank)
@@ -306,12 +378,13 @@ def _train(data, model_dir: Path, config, base, dev: torch.device, epochs, resum
         if dist.main and sys.stderr.isatty():
             from tqdm import tqdm
 
-            bar = tqdm(total=cfg.iterations_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                       unit="it", file=sys.stderr)
+            bar = tqdm(total=its, desc=_bar_text(epoch, cfg.epochs, estimate), leave=False, unit="it",
+                       file=sys.stderr)
         batches = _batches(sampler, cfg, epoch_seed)
         for it in range(cfg.iterations_per_epoch):
             if cancel is not None and cancel():
                 raise Cancelled()
+            t_it = time.perf_counter()
             batch = next(batches)
             x, y = batch["image"].to(dev), batch["label"].to(dev)
             bag_step = bool(tasks) and it % cfg.classification.interval == 0
@@ -326,6 +399,7 @@ def _train(data, model_dir: Path, config, base, dev: torch.device, epochs, resum
                 loss = loss_seg + cfg.classification.weight * loss_neg
                 scaler.scale(loss).backward()
             loss_cls = float(loss_neg.detach())
+            t_bags = time.perf_counter()
             for b, n in enumerate(bags):
                 centre, size = bag_box(store, n, cfg.classification.crop_size, factor, bag_rand)
                 image, _ = read_box(store, n, centre, size)
@@ -337,9 +411,16 @@ def _train(data, model_dir: Path, config, base, dev: torch.device, epochs, resum
                     bag_loss = cfg.classification.weight * torch.stack(terms).sum() / max(len(bags), 1)
                     scaler.scale(bag_loss).backward()
                 loss_cls += float(bag_loss.detach())
+            bag_seconds = time.perf_counter() - t_bags if bag_step else None
             scaler.step(opt)
             scaler.update()
             sched.step()
+            estimate.add(time.perf_counter() - t_it - (bag_seconds or 0.0), bag_seconds)
+            if not told and (estimate.ready() or it + 1 == its):
+                told = True
+                say(estimate.line(cfg.epochs - start_epoch))
+                if bar is not None:
+                    bar.set_description(_bar_text(epoch, cfg.epochs, estimate))
             sums["loss"] += float(loss_seg.detach()) + loss_cls
             sums["seg_loss"] += float(loss_seg.detach())
             sums["cls_loss"] += loss_cls
@@ -347,8 +428,9 @@ def _train(data, model_dir: Path, config, base, dev: torch.device, epochs, resum
                 bar.update(1)
                 bar.set_postfix(loss=f"{sums['loss'] / (it + 1):.4f}")
             if progress is not None and dist.main:
-                progress({"epoch": epoch + 1, "epochs": cfg.epochs, "iteration": it + 1,
-                          "iterations": cfg.iterations_per_epoch, "loss": sums["loss"] / (it + 1)})
+                progress({"epoch": epoch + 1, "epochs": cfg.epochs, "iteration": it + 1, "iterations": its,
+                          "loss": sums["loss"] / (it + 1),
+                          "epoch_seconds_estimate": estimate.epoch_seconds() if told else None})
         if bar is not None:
             bar.close()
         row: Dict[str, Any] = {"epoch": epoch + 1, "iterations": (epoch + 1) * cfg.iterations_per_epoch,
@@ -357,7 +439,9 @@ def _train(data, model_dir: Path, config, base, dev: torch.device, epochs, resum
         last = epoch + 1 == cfg.epochs
         improved = False
         if dist.main and val_ids and ((epoch + 1) % cfg.validation.interval == 0 or last):
+            t_val = time.perf_counter()
             metrics = validate(net, store, val_cases, val_ids, card, plan.lut, dev)
+            estimate.validation = time.perf_counter() - t_val
             metrics["epoch"] = epoch + 1
             row["val_mean_dice"] = metrics["mean_dice"]
             for name, v in metrics["dice"].items():
@@ -380,7 +464,8 @@ def _train(data, model_dir: Path, config, base, dev: torch.device, epochs, resum
             _save_atomic({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                           "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best, "best_epoch": best_epoch,
                           "bad": bad, "elapsed": seconds, "best_metrics": json.dumps(best_metrics),
-                          "torch_rng": torch.get_rng_state(), "dataset": report.file_shas}, run_dir / "last.pt")
+                          "torch_rng": torch.get_rng_state(), "dataset": report.file_shas,
+                          "device_defaults": json.dumps(chosen)}, run_dir / "last.pt")
             val = f" val mean Dice {row['val_mean_dice']:.4f} (best {best:.4f} @ {best_epoch})" \
                 if "val_mean_dice" in row else ""
             say(f"epoch {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f}{val} {row['seconds']:.1f} s")
@@ -410,6 +495,12 @@ def _train(data, model_dir: Path, config, base, dev: torch.device, epochs, resum
         (Path(hash_dir) / f"rank{dist.rank}.sha256").write_text(state_sha256(net.state_dict()))
     distributed.barrier(dist)
     return TrainResult(model_dir, epochs_run, best_epoch, best_metrics, seconds, stopped, history)
+
+
+def _bar_text(epoch: int, epochs: int, estimate: Estimate) -> str:
+    """The progress bar's label: the epoch, and the estimated time per epoch once known."""
+    per = estimate.epoch_seconds() if estimate.ready() or estimate.validation is not None else None
+    return f"epoch {epoch + 1}/{epochs}" + (f" (~{minutes(per)}/epoch)" if per else "")
 
 
 def _pick_bags(tasks: Dict[str, int], train_ids: List[int], labels_of: Dict[int, Dict[str, float]],
