@@ -38,7 +38,7 @@ test-fast: lint $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
-	$(BIN)/python -m medautolabel.bench --out docs/benchmarks.md --work out/bench
+	$(BIN)/python tools/bench.py --out docs/benchmarks.md --work out/bench
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache

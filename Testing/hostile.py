@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
-from medautolabel.atomic import TEMP_PREFIX
+from medautolabel.io.atomic import TEMP_PREFIX
 
 PathLike = Union[str, Path]
 
@@ -42,7 +42,7 @@ class Outcome:
 
 def run_inprocess(args: Sequence[PathLike]) -> Outcome:
     """``cli.main(args)`` with stdout/stderr captured (argparse's own exits turned into a status)."""
-    from medautolabel.cli import main
+    from medautolabel.cli.app import main
 
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-_CODE = ("import os, sys; from medautolabel.atomic import atomic_output\n"
+_CODE = ("import os, sys; from medautolabel.io.atomic import atomic_output\n"
          "with atomic_output(sys.argv[1]) as tmp:\n    tmp.write_text('half'); os._exit(9)")
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 # point: (module, function, whether the function runs before the hold)
 POINTS = {
-    "parser": ("medautolabel.cli", "build_parser", False),
-    "monai": ("medautolabel.monai_import", "import_lean", False),
-    "inference": ("medautolabel.pipeline", "infer", False),
+    "parser": ("medautolabel.cli.app", "build_parser", False),
+    "monai": ("medautolabel.runtime.monai_import", "import_lean", False),
+    "inference": ("medautolabel.labelling.pipeline", "infer", False),
     "write": ("nrrd", "write", True),
 }
 
@@ -42,6 +42,6 @@ def hold_at(point: str, mark: Path) -> None:
 if __name__ == "__main__":
     hold_at(sys.argv[1], Path(sys.argv[2]))
     sys.argv = ["medautolabel", *sys.argv[3:]]
-    from medautolabel.cli import run
+    from medautolabel.cli.app import run
 
     run()

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from thresholdmodel import sphere_image, write_threshold_model
 
-from medautolabel.cli import main
-from medautolabel.io import write_image
+from medautolabel.cli.app import main
+from medautolabel.io.images import write_image
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from medautolabel.bench import is_running_training, report, training_running
+from bench import BENCH_CHILD, is_running_training, report, training_running
 
 
 def fake_result() -> dict:
@@ -62,8 +61,8 @@ def test_a_paused_training_job_does_not_count_as_running():
 
 def test_the_childs_peak_rss_is_its_own_not_its_parents():
     """A parent that once held 800 MB starts the child: the child reports what it used itself."""
-    parent = ("import subprocess, sys\nimport numpy as np\nblock = np.ones(10**8)\ndel block\n"
-              "sys.exit(subprocess.run([sys.executable, '-m', 'medautolabel.bench_child', 'platform']).returncode)")
+    parent = (f"import subprocess, sys\nimport numpy as np\nblock = np.ones(10**8)\ndel block\n"
+              f"sys.exit(subprocess.run([sys.executable, {BENCH_CHILD!r}, 'platform']).returncode)")
     proc = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True, timeout=120)
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("MEDAUTOLABEL_BENCH_MAXRSS_KB")]
     assert 1_000 < int(line.split()[-1]) < 300_000  # a bare interpreter running `python -m platform`

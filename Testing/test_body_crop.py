@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from medautolabel.preprocess import foreground_box, window_aligned_box, window_starts
+from medautolabel.labelling.preprocess import foreground_box, window_aligned_box, window_starts
 
 torch.set_num_threads(1)
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medautolabel.models import resolve_model
-from medautolabel.network import file_sha256
-from medautolabel.phantoms import HELD_OUT_SEEDS, make_phantom
-from medautolabel.pipeline import label_image
+from medautolabel.catalog.registry import resolve_model
+from medautolabel.labelling.pipeline import label_image
+from medautolabel.runtime.network import file_sha256
+from medautolabel.synthetic.phantoms import HELD_OUT_SEEDS, make_phantom
 
 SEEDS = [HELD_OUT_SEEDS.start + 900 + n for n in range(3)]  # fixed before looking at their scores
 VESSEL_FLOOR, NERVE_FLOOR = 0.6, 0.55  # mean over the three; see docs/builtin-model.md for the real figures
@@ -62,7 +62,7 @@ def test_bfloat16_gives_the_float32_labels():
     On one 96^3 window's worth of phantom: where the CPU has no native bfloat16 it is emulated,
     about 20x slower than float32 (a whole held-out phantom took 10 minutes there).
     """
-    from medautolabel.phantoms import render, training_grid
+    from medautolabel.synthetic.phantoms import render, training_grid
 
     ph = render(SEEDS[0], *training_grid(88, 0.8))
     runs = {p: label_image(ph.image, "vessel-nerve-cta", device="cpu", tta="none", precision=p)
@@ -77,8 +77,8 @@ def test_bfloat16_gives_the_float32_labels():
 @pytest.mark.parametrize("runtime,name", [("auto", "openvino"), ("torchscript", "torchscript-frozen")])
 def test_compiled_cpu_network_gives_the_eager_labels(monkeypatch, runtime, name):
     """In float32 on the CPU the network runs compiled (OpenVINO, else frozen TorchScript): eager PyTorch's labels."""
-    import medautolabel.inference as inference_module
-    from medautolabel.cpu_graph import RUNTIME_ENV
+    import medautolabel.labelling.inference as inference_module
+    from medautolabel.runtime.cpu_graph import RUNTIME_ENV
 
     ph = make_phantom(SEEDS[1])
     monkeypatch.setenv(RUNTIME_ENV, runtime)

@@ -9,12 +9,12 @@ import sys
 import numpy as np
 import pytest
 
-from medautolabel.bundle import BundleModel, bundle_sha256
-from medautolabel.cli import main
+from medautolabel.catalog.bundle import BundleModel, bundle_sha256
+from medautolabel.cli.app import main
 from medautolabel.image import make_ijk_to_ras
-from medautolabel.io import read_image, write_image
-from medautolabel.phantoms import render, training_grid
-from medautolabel.pipeline import label_image
+from medautolabel.io.images import read_image, write_image
+from medautolabel.labelling.pipeline import label_image
+from medautolabel.synthetic.phantoms import render, training_grid
 
 pytest.importorskip("ignite", reason="MONAI's bundle runner needs pytorch-ignite")
 
@@ -65,7 +65,7 @@ def test_monai_runner_and_medautolabel_give_the_same_labels(bundle_dir, tmp_path
     theirs = read_image(tmp_path / "monai" / "case1_seg.nii.gz")
     assert main(["label", str(data / "imagesTs" / "case1.nii.gz"), "-o", str(tmp_path / "ours"), "--model",
                  str(bundle_dir), "--trust", "--device", "cpu", "-q"]) == 0
-    from medautolabel.segnrrd import read_seg_nrrd
+    from medautolabel.io.segnrrd import read_seg_nrrd
 
     ours, segments = read_seg_nrrd(tmp_path / "ours" / "case1.seg.nrrd")
     assert [s.name for s in segments] == ["Vessel", "Nerve"]  # names, colours, codes from the sidecar

@@ -16,8 +16,8 @@ import slicerio
 from thresholdmodel import sphere_image, write_threshold_model
 
 from medautolabel import __version__
-from medautolabel.cli import build_parser, main
-from medautolabel.io import read_image, write_image
+from medautolabel.cli.app import build_parser, main
+from medautolabel.io.images import read_image, write_image
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def test_models_show_gives_labels_codes_and_provenance(model_dir, capsys):
     assert main(["models", "show", "vessel-nerve-cta"]) == 0
     text = capsys.readouterr().out
     assert "SCT:59820001 Blood vessel" in text and "SCT:3057000 Nerve" in text
-    assert "0.8 x 0.8 x 0.8 mm" in text and "command: python -m medautolabel.builtin_recipe" in text
+    assert "0.8 x 0.8 x 0.8 mm" in text and "command: python tools/builtin_recipe.py" in text
     assert main(["models", "show", str(model_dir)]) == 0
     assert capsys.readouterr().out.startswith("threshold 0.0.1")
 
@@ -164,7 +164,7 @@ def test_the_console_script_freezes_the_collector_before_exiting_with_mains_stat
     import gc
     from importlib import metadata
 
-    from medautolabel import cli
+    from medautolabel.cli import app as cli
 
     events = []
     monkeypatch.setattr(cli, "main", lambda: events.append("main") or 2)
@@ -194,8 +194,8 @@ def test_label_files_reads_the_next_input_while_labelling(model_dir, scan, tmp_p
     """Inputs are read on a reader thread, one ahead; a bad one in the middle is still that case's error."""
     import threading
 
-    from medautolabel import io as io_module
-    from medautolabel.batch import label_files
+    from medautolabel.io import images as io_module
+    from medautolabel.labelling.batch import label_files
 
     inputs = []
     for name in ("a", "b", "c"):

@@ -15,10 +15,10 @@ import pytest
 from killed_writer import kill_a_writer_of
 from thresholdmodel import CENTER, sphere_image, write_threshold_model
 
-from medautolabel.atomic import TEMP_PREFIX
-from medautolabel.cli import main
-from medautolabel.cluster_batch import find_cases
-from medautolabel.io import write_image
+from medautolabel.cli.app import main
+from medautolabel.io.atomic import TEMP_PREFIX
+from medautolabel.io.images import write_image
+from medautolabel.labelling.cluster_batch import find_cases
 
 pytest.importorskip("distributed")
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from monai.inferers import sliding_window_inference
 
-from medautolabel.cpu_sliding_window import sliding_window_cpu, window_slices
-from medautolabel.inference import window_count
+from medautolabel.labelling.cpu_sliding_window import sliding_window_cpu, window_slices
+from medautolabel.labelling.inference import window_count
 
 torch.set_num_threads(1)
 
@@ -75,7 +75,7 @@ def test_a_batch_of_images_is_refused():
 def test_compiled_network_threads_do_not_overwrite_each_other(tmp_path, monkeypatch):
     from monai.networks.nets import UNet
 
-    from medautolabel.openvino_graph import CACHE_ENV, compiled_for_cpu
+    from medautolabel.runtime.openvino_graph import CACHE_ENV, compiled_for_cpu
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     torch.manual_seed(0)

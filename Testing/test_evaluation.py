@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from cardfactory import ras_coords
 
-from medautolabel.cli import main
+from medautolabel.cli.app import main
 from medautolabel.errors import InputError
 from medautolabel.evaluation import classification_metrics, evaluate_labelmaps
 from medautolabel.image import Image, make_ijk_to_ras
-from medautolabel.io import write_image
+from medautolabel.io.images import write_image
 
 SPACING = (0.4, 0.5, 0.6)  # i, j, k mm: anisotropic
 SHAPE = (60, 70, 80)  # k, j, i

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medautolabel import graph_rewrites, openvino_graph
+from medautolabel.runtime import graph_rewrites, openvino_graph
 
 
 def _group_norm(channels: int, groups: int, affine: bool = True, seed: int = 0) -> torch.nn.GroupNorm:

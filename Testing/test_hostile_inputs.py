@@ -29,11 +29,11 @@ from test_io import NORMAL, PATIENT_ID, PATIENT_NAME, _blob_volume, _write_serie
 from thresholdmodel import sphere_image, write_threshold_model
 
 from medautolabel.image import Image
-from medautolabel.io import read_image, write_image
-from medautolabel.outputs import TAGS_FORMAT
+from medautolabel.io.images import read_image, write_image
+from medautolabel.io.outputs import TAGS_FORMAT
+from medautolabel.io.segnrrd import write_seg_nrrd
 from medautolabel.result import Code as TermCode
 from medautolabel.result import SegmentInfo, Terminology
-from medautolabel.segnrrd import write_seg_nrrd
 
 
 @pytest.fixture(scope="module")
@@ -669,7 +669,7 @@ def test_slicer_panel_shows_the_interpolated_dicom_gap(model_dir, tmp_path):
     pytest.importorskip("slicer", reason="slicer-core is not installed (CPython 3.11 wheel only)")
     from slicercore import close_scene, make_scene
 
-    from medautolabel.pipeline import label_image
+    from medautolabel.labelling.pipeline import label_image
     from MedAutoLabelLib import scene as scene_io
     from MedAutoLabelLib.logic import MedAutoLabelLogic
 
@@ -769,7 +769,7 @@ def test_slicer_evaluate_counts_a_segment_only_in_the_prediction(model_dir):
                          ids=["memory-error", "torch-cpu-allocator"])
 def test_running_out_of_memory_is_one_line(failure, model_dir, tmp_path, monkeypatch):
     """The machine's memory running out while a case is labelled: one line naming the file, status 2, nothing written."""
-    from medautolabel import pipeline
+    from medautolabel.labelling import pipeline
 
     def exhausted(*args, **kwargs):
         raise failure

@@ -21,7 +21,7 @@ from hostile import Outcome, Snapshot, assert_refused, run_inprocess, temporarie
 from killed_writer import kill_a_writer_of
 from thresholdmodel import sphere_image, write_threshold_model
 
-from medautolabel.io import write_image
+from medautolabel.io.images import write_image
 
 
 @pytest.fixture(scope="module")
@@ -470,7 +470,7 @@ def test_permission_denied(command, tmp_path, model_dir):
 
 _FSIZE_CHILD = ("import resource, sys\n"
                 "resource.setrlimit(resource.RLIMIT_FSIZE, (600, 600))\n"
-                "from medautolabel.cli import main\n"
+                "from medautolabel.cli.app import main\n"
                 "sys.exit(main(sys.argv[1:]))\n")
 
 
@@ -499,7 +499,7 @@ def test_a_long_output_name_still_gets_a_valid_temporary(tmp_path, model_dir):
 
 
 def test_leftover_temporaries_of_long_names_are_recognised(tmp_path):
-    from medautolabel.atomic import leftover_temps
+    from medautolabel.io.atomic import leftover_temps
 
     target = tmp_path / ("z" * 250 + ".nii.gz")
     kill_a_writer_of(target)
@@ -527,7 +527,7 @@ def test_label_rerun_removes_the_temporaries_of_a_killed_run(fmt, tmp_path, mode
 
 def test_batch_outputs_inside_the_input_folder_are_never_studies(tmp_path, model_dir):
     """A rerun of batch -o IN/labels: its outputs, temporaries and summary.csv are not taken as studies."""
-    from medautolabel.cluster_batch import find_cases
+    from medautolabel.labelling.cluster_batch import find_cases
 
     images = [scan(tmp_path / "in", f"case{c}.nii.gz") for c in range(2)]
     labels = tmp_path / "in" / "labels"

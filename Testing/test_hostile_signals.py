@@ -38,11 +38,11 @@ from hostile import (
 from test_io import NORMAL, PATIENT_ID, PATIENT_NAME, _write_series
 from thresholdmodel import CENTER, sphere_image, write_threshold_model
 
-from medautolabel.bundle import TRUST_ENV, bundle_sha256, tree_sha256
+from medautolabel.catalog.bundle import TRUST_ENV, bundle_sha256, tree_sha256
 from medautolabel.image import Image
-from medautolabel.io import write_image
+from medautolabel.io.images import write_image
+from medautolabel.io.segnrrd import write_seg_nrrd
 from medautolabel.result import Code, SegmentInfo, Terminology
-from medautolabel.segnrrd import write_seg_nrrd
 from medautolabel.text import escaped, printable
 
 HERE = Path(__file__).resolve().parent
@@ -298,7 +298,7 @@ def test_the_runner_makes_what_a_worker_sends_inert(tmp_path):
 def test_the_batch_summary_csv_is_inert(tmp_path):
     import csv
 
-    from medautolabel.cluster_batch import write_summary
+    from medautolabel.labelling.cluster_batch import write_summary
 
     facts = {"segments": [{"name": "Vessel\nx,y\x1b[2J", "volume_ml": 1.5}],
              "classifications": [{"task": "aneurysm\x1b]0;t\x07", "label": "absent\r\n", "probability": 0.1}]}
@@ -412,7 +412,7 @@ def test_bundle_code_runs_only_as_trusted(case, tmp_path, monkeypatch):
 
 
 def test_outside_code_trusted_by_its_own_digest_passes_the_check(tmp_path, monkeypatch):
-    from medautolabel.bundle import check_outside_code, config_file
+    from medautolabel.catalog.bundle import check_outside_code, config_file
 
     module = outside_module(tmp_path, monkeypatch)
     b = bundle(tmp_path / "b", imports=["$import helperlib", "$import os", "$import numpy", "$import torch"])

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medautolabel.device import DeviceError, autocast, is_out_of_memory, select_device
+from medautolabel.catalog.modelcard import InferenceSpec
 from medautolabel.errors import Cancelled
-from medautolabel.inference import constant_value, infer, sliding_window, window_count
-from medautolabel.modelcard import InferenceSpec
+from medautolabel.labelling.inference import constant_value, infer, sliding_window, window_count
+from medautolabel.runtime.device import DeviceError, autocast, is_out_of_memory, select_device
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -103,8 +103,8 @@ def test_other_errors_are_not_retried():
 
 @pytest.mark.parametrize("native", [True, False])
 def test_precision_auto_uses_bfloat16_only_where_the_cpu_has_it(monkeypatch, native):
-    from medautolabel import device as device_module
     from medautolabel.errors import MedAutoLabelError
+    from medautolabel.runtime import device as device_module
 
     monkeypatch.setattr(device_module, "cpu_has_native_bfloat16", lambda: native)
     assert device_module.resolve_precision(CPU, "auto") == ("bfloat16" if native else "float32")
@@ -145,7 +145,7 @@ def _air_with_an_object(size=(48, 48, 48)):
 
 @pytest.mark.parametrize("tta,batch", [("none", 1), ("flip", 1), ("none", 3)])
 def test_constant_windows_are_computed_once_and_give_the_same_output(monkeypatch, tta, batch):
-    import medautolabel.inference as inference_module
+    import medautolabel.labelling.inference as inference_module
 
     monkeypatch.setattr(inference_module, "FROZEN_GRAPH_MIN_WINDOWS", 10**9)  # eager: exact comparison
     x = _air_with_an_object()
@@ -168,8 +168,8 @@ def test_constant_windows_are_computed_once_and_give_the_same_output(monkeypatch
 @pytest.mark.parametrize("runtime,kind,tta", [("torchscript", torch.jit.ScriptModule, "none"), ("openvino", None, "none"),
                                               ("auto", None, "none"), ("openvino", None, "flip")])
 def test_compiled_cpu_network_matches_the_eager_network_and_is_reused(monkeypatch, runtime, kind, tta):
-    from medautolabel import cpu_graph
-    from medautolabel.openvino_graph import CompiledNetwork
+    from medautolabel.runtime import cpu_graph
+    from medautolabel.runtime.openvino_graph import CompiledNetwork
 
     monkeypatch.setenv(cpu_graph.RUNTIME_ENV, runtime)
     net = _tiny_unet()
@@ -190,7 +190,7 @@ def test_compiled_cpu_network_matches_the_eager_network_and_is_reused(monkeypatc
 
 
 def test_the_pytorch_runtime_runs_the_network_itself(monkeypatch):
-    from medautolabel import cpu_graph
+    from medautolabel.runtime import cpu_graph
 
     monkeypatch.setenv(cpu_graph.RUNTIME_ENV, "pytorch")
     net = _tiny_unet()
@@ -198,7 +198,7 @@ def test_the_pytorch_runtime_runs_the_network_itself(monkeypatch):
 
 
 def test_a_disagreeing_openvino_model_gives_way_to_torchscript(monkeypatch, tmp_path):
-    from medautolabel import cpu_graph, openvino_graph
+    from medautolabel.runtime import cpu_graph, openvino_graph
 
     monkeypatch.setenv(openvino_graph.CACHE_ENV, str(tmp_path))  # an empty cache: the model is built and checked
     monkeypatch.setattr(openvino_graph, "RELATIVE_TOLERANCE", -1.0)  # nothing agrees
@@ -209,7 +209,7 @@ def test_a_disagreeing_openvino_model_gives_way_to_torchscript(monkeypatch, tmp_
 
 
 def test_a_network_that_cannot_be_traced_runs_eagerly():
-    from medautolabel import cpu_graph
+    from medautolabel.runtime import cpu_graph
 
     class DictOut(torch.nn.Module):
         def forward(self, x):

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medautolabel.atomic import TEMP_PREFIX
 from medautolabel.errors import InputError, MedAutoLabelError
 from medautolabel.geometry import image_to_nibabel, image_to_sitk
 from medautolabel.image import Image, make_ijk_to_ras
-from medautolabel.io import read_image, write_image
+from medautolabel.io.atomic import TEMP_PREFIX
+from medautolabel.io.images import read_image, write_image
 
 OBLIQUE = make_ijk_to_ras([0.7, 1.3, 2.9], np.linalg.qr(np.array([[2.0, 1, 0], [1, 3, 1], [0, 1, 4]]))[0],
                           [12.5, -40.25, 7.0])

@@ -13,9 +13,9 @@ import pytest
 from cardfactory import GRIDS
 from thresholdmodel import CENTER, RADIUS, sphere_image, write_threshold_model
 
-from medautolabel.cli import main
-from medautolabel.io import read_image, write_image
-from medautolabel.pipeline import label_image
+from medautolabel.cli.app import main
+from medautolabel.io.images import read_image, write_image
+from medautolabel.labelling.pipeline import label_image
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 FORMATS = [".nrrd", ".nii.gz", ".mha"]

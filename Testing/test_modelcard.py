@@ -7,9 +7,9 @@ import json
 import pytest
 from cardfactory import BASE, card_dict, write_card
 
-from medautolabel import models
+from medautolabel.catalog import registry as models
+from medautolabel.catalog.modelcard import ModelCard
 from medautolabel.errors import ModelError
-from medautolabel.modelcard import ModelCard
 
 DELETE = object()
 

@@ -23,7 +23,7 @@ def _python(code: str) -> dict:
 def test_lean_import_skips_the_packages_and_they_stay_importable():
     facts = _python(f"""
 import json, sys
-from medautolabel.monai_import import import_lean
+from medautolabel.runtime.monai_import import import_lean
 first = import_lean()
 loaded = {{name: name in sys.modules for name in {SKIPPED!r}}}
 hidden_left = [name for name in {SKIPPED!r} if name in sys.modules and sys.modules[name] is None]
@@ -50,7 +50,7 @@ def test_a_package_already_imported_is_used_by_monai_as_usual():
     facts = _python("""
 import json
 import matplotlib
-from medautolabel.monai_import import import_lean
+from medautolabel.runtime.monai_import import import_lean
 import_lean()
 from monai.utils import jupyter_utils
 print(json.dumps({"has_matplotlib": jupyter_utils.has_matplotlib}))
@@ -62,9 +62,9 @@ def test_the_label_command_imports_monai_lean(tmp_path):
     facts = _python(f"""
 import json, sys
 import numpy as np
-from medautolabel import cli
+from medautolabel.cli import app as cli
 from medautolabel.image import Image
-from medautolabel.io import write_image
+from medautolabel.io.images import write_image
 volume = np.full((24, 24, 24), -1000, np.int16)
 volume[4:20, 4:20, 4:20] = 40
 write_image(Image(volume, np.diag([1.5, 1.5, 1.5, 1.0])), {str(tmp_path / 'ct.nii.gz')!r})

@@ -10,9 +10,9 @@ import pytest
 import torch
 from cardfactory import card_dict, write_card
 
-from medautolabel import network
+from medautolabel.catalog.modelcard import ModelCard
 from medautolabel.errors import ModelError
-from medautolabel.modelcard import ModelCard
+from medautolabel.runtime import network
 
 torch.set_num_threads(1)
 

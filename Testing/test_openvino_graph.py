@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medautolabel import openvino_graph
+from medautolabel.runtime import openvino_graph
 
 pytestmark = pytest.mark.skipif(not openvino_graph.available(), reason="OpenVINO is not installed")
 SHAPE = (1, 1, 16, 16, 16)
@@ -112,7 +112,7 @@ socket.getaddrinfo = lambda *a, **k: attempts.append(a[:2]) or real_getaddrinfo(
 socket.socket.connect = lambda self, address, *a: attempts.append(address) or real_connect(self, address, *a)
 import torch
 from monai.networks.nets import UNet
-from medautolabel import openvino_graph
+from medautolabel.runtime import openvino_graph
 torch.manual_seed(0)
 net = UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8), strides=(2,), num_res_units=1).eval()
 compiled = openvino_graph.compiled_for_cpu(net, (1, 1, 16, 16, 16), threads=1)

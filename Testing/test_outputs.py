@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from killed_writer import kill_a_writer_of
 
-from medautolabel import outputs
-from medautolabel.atomic import TEMP_PREFIX, atomic_output, atomic_outputs, leftover_temps
 from medautolabel.errors import MedAutoLabelError
 from medautolabel.image import Image, make_ijk_to_ras
-from medautolabel.io import read_image
+from medautolabel.io import outputs
+from medautolabel.io.atomic import TEMP_PREFIX, atomic_output, atomic_outputs, leftover_temps
+from medautolabel.io.images import read_image
+from medautolabel.io.segnrrd import read_seg_nrrd
 from medautolabel.result import Classification, Code, Result, SegmentInfo, Terminology
-from medautolabel.segnrrd import read_seg_nrrd
 from medautolabel.terminology import parse_terminology_entry
 
 STRUCTURE = Code("SCT", "123037004", "Anatomical Structure")

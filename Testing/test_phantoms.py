@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medautolabel import phantoms
 from medautolabel.image import make_ijk_to_ras
+from medautolabel.synthetic import phantoms
 
 
 def _small_grid(size: int = 48, spacing: float = 1.2):

@@ -15,12 +15,12 @@ import torch
 from cardfactory import GRIDS, card_dict, grid, ras_coords, write_card
 from thresholdmodel import write_threshold_model
 
-from medautolabel import network as network_module
-from medautolabel.device import DeviceError
+from medautolabel.catalog.modelcard import ModelCard
 from medautolabel.errors import Cancelled, InputError
 from medautolabel.image import Image
-from medautolabel.modelcard import ModelCard
-from medautolabel.pipeline import check_modality, label_image
+from medautolabel.labelling.pipeline import check_modality, label_image
+from medautolabel.runtime import network as network_module
+from medautolabel.runtime.device import DeviceError
 
 torch.set_num_threads(1)
 CENTER = np.array([3.0, -2.0, 1.5])  # sphere centre, RAS mm

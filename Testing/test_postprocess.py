@@ -7,11 +7,11 @@ import pytest
 import torch
 from cardfactory import card_dict
 
-from medautolabel.classify import classify, gaussian_in_threads
+from medautolabel.catalog.modelcard import ModelCard
 from medautolabel.image import make_ijk_to_ras
-from medautolabel.modelcard import ModelCard
-from medautolabel.postprocess import postprocess
-from medautolabel.preprocess import Prepared
+from medautolabel.labelling.classify import classify, gaussian_in_threads
+from medautolabel.labelling.postprocess import postprocess
+from medautolabel.labelling.preprocess import Prepared
 
 SHAPE = (10, 12, 14)
 M = make_ijk_to_ras((0.5, 1.0, 2.0), np.diag([-1.0, 1.0, 1.0]), (5.0, 0.0, -3.0))  # 1 mm3 voxels

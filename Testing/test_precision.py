@@ -11,10 +11,10 @@ import pytest
 import torch
 from monai.networks.nets import UNet
 
-from medautolabel import device, openvino_graph
-from medautolabel.cpu_graph import build_graph
-from medautolabel.inference import sliding_window
-from medautolabel.modelcard import InferenceSpec
+from medautolabel.catalog.modelcard import InferenceSpec
+from medautolabel.labelling.inference import sliding_window
+from medautolabel.runtime import device, openvino_graph
+from medautolabel.runtime.cpu_graph import build_graph
 
 
 class PrecisionProbe(torch.nn.Module):

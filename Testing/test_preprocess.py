@@ -8,15 +8,9 @@ import torch
 from cardfactory import GRIDS, card_dict, grid, ras_coords
 from nibabel.orientations import aff2axcodes
 
+from medautolabel.catalog.modelcard import ModelCard
 from medautolabel.image import Image
-from medautolabel.modelcard import ModelCard
-from medautolabel.preprocess import (
-    foreground_box,
-    preprocess,
-    reorient,
-    resample,
-    to_input_grid,
-)
+from medautolabel.labelling.preprocess import foreground_box, preprocess, reorient, resample, to_input_grid
 
 torch.set_num_threads(1)
 WINDOW = [-3000.0, 3000.0]  # wide enough that the ramps below are never clipped
@@ -177,7 +171,7 @@ def test_resample_in_parallel_slabs_equals_one_pass(monkeypatch, rotated):
     """
     from scipy import ndimage
 
-    from medautolabel import preprocess as pre
+    from medautolabel.labelling import preprocess as pre
 
     rng = np.random.default_rng(3)
     src = rng.normal(size=(40, 60, 70)).astype(np.float32)
@@ -204,7 +198,7 @@ def test_separable_linear_equals_scipy_on_flipped_permuted_shifted_grids(monkeyp
     """Flips, axis permutation, scales both ways, targets beyond the edges (clamped) and a one-voxel axis."""
     from scipy import ndimage
 
-    from medautolabel import preprocess as pre
+    from medautolabel.labelling import preprocess as pre
 
     monkeypatch.setattr(pre, "_threads", lambda: threads)
     rng = np.random.default_rng(threads)

@@ -20,9 +20,9 @@ import pytest
 import SimpleITK as sitk
 
 from medautolabel.image import Image
-from medautolabel.io import read_image, write_image
+from medautolabel.io.images import read_image, write_image
+from medautolabel.io.segnrrd import read_seg_nrrd, write_seg_nrrd
 from medautolabel.result import Code, SegmentInfo, Terminology
-from medautolabel.segnrrd import read_seg_nrrd, write_seg_nrrd
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="shared test data folder <repo>/../shared/data is absent")

@@ -10,8 +10,8 @@ import slicerio
 
 from medautolabel.errors import InputError
 from medautolabel.image import Image, make_ijk_to_ras
+from medautolabel.io.segnrrd import read_seg_nrrd, seg_nrrd_header, write_seg_nrrd
 from medautolabel.result import Code, SegmentInfo, Terminology
-from medautolabel.segnrrd import read_seg_nrrd, seg_nrrd_header, write_seg_nrrd
 from medautolabel.terminology import terminology_entry
 
 STRUCTURE = Code("SCT", "123037004", "Anatomical Structure")

@@ -18,8 +18,8 @@ from thresholdmodel import CENTER, sphere_image, write_threshold_model  # noqa: 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "MedAutoLabel"))
 from medautolabel.image import Image  # noqa: E402
-from medautolabel.io import read_image, write_image  # noqa: E402
-from medautolabel.pipeline import label_image  # noqa: E402
+from medautolabel.io.images import read_image, write_image  # noqa: E402
+from medautolabel.labelling.pipeline import label_image  # noqa: E402
 from MedAutoLabelLib import installer  # noqa: E402
 from MedAutoLabelLib import scene as scene_io  # noqa: E402
 from MedAutoLabelLib.logic import MedAutoLabelLogic  # noqa: E402
@@ -204,7 +204,7 @@ def test_background_worker_labels_reuses_itself_and_cancels_fast(model_dir, tmp_
 
 def read_image_big(tmp_path) -> Image:
     """A phantom large enough that labelling it with the built-in model takes several seconds."""
-    from medautolabel.phantoms import make_phantom
+    from medautolabel.synthetic.phantoms import make_phantom
 
     return make_phantom(1_000_778).image
 

@@ -43,7 +43,7 @@ def test_cmake_lists_every_python_file_and_resource():
     assert cmake_file_lists.listed("SCRIPTS", text) == cmake_file_lists.scripts(), \
         "run: python tools/cmake_file_lists.py"
     assert cmake_file_lists.listed("RESOURCES", text) == cmake_file_lists.resources()
-    assert "medautolabel/models/vessel-nerve-cta/model.pt" in cmake_file_lists.resources()
+    assert "medautolabel/catalog/models/vessel-nerve-cta/model.pt" in cmake_file_lists.resources()
     for resource in ("Resources/Icons/${MODULE_NAME}.png", "Resources/UI/${MODULE_NAME}.ui"):
         assert resource in text
         assert (MODULE / resource.replace("${MODULE_NAME}", "MedAutoLabel")).is_file()

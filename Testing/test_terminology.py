@@ -5,11 +5,7 @@ from __future__ import annotations
 import pytest
 
 from medautolabel.result import Code, Terminology
-from medautolabel.terminology import (
-    parse_terminology_entry,
-    parse_terminology_entry_with_contexts,
-    terminology_entry,
-)
+from medautolabel.terminology import parse_terminology_entry, parse_terminology_entry_with_contexts, terminology_entry
 
 VESSEL = Terminology(Code("SCT", "123037004", "Anatomical Structure"), Code("SCT", "59820001", "Blood vessel"))
 FULL = Terminology(Code("SCT", "49755003", "Morphologically Altered Structure"), Code("SCT", "4147007", "Mass"),

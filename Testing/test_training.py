@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 import torch
 
+from medautolabel.catalog.modelcard import ModelCard
 from medautolabel.errors import MedAutoLabelError
-from medautolabel.modelcard import ModelCard
 from medautolabel.training import cache as cache_module
 from medautolabel.training.config import ConfigError, load_config
 from medautolabel.training.data import load_dataset, read_image, split
@@ -105,7 +105,7 @@ def trained(dataset, tmp_path_factory):
 
 
 def test_tiny_run_loss_falls_and_label_image_uses_the_model(trained, dataset):
-    from medautolabel.pipeline import label_image
+    from medautolabel.labelling.pipeline import label_image
 
     result, _, messages = trained
     model_dir = result.model_dir
@@ -133,7 +133,7 @@ def test_tiny_run_loss_falls_and_label_image_uses_the_model(trained, dataset):
     assert [c.task for c in out.classifications] == ["finding"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("medautolabel.cli") is None, reason="medautolabel.cli not there yet")
+@pytest.mark.skipif(importlib.util.find_spec("medautolabel.cli.app") is None, reason="medautolabel.cli.app not there yet")
 def test_label_command_uses_the_trained_model_folder(trained, dataset, tmp_path):
     result, _, _ = trained
     image = min((dataset / "imagesTr").glob("*.nii.gz"))
@@ -286,8 +286,8 @@ def test_growing_the_output_layer_leaves_kept_outputs_unchanged(res_units):
 
 
 def test_evidence_loss_matches_the_engine_classifier():
-    from medautolabel.classify import voxel_evidence
-    from medautolabel.modelcard import ClassificationTask
+    from medautolabel.catalog.modelcard import ClassificationTask
+    from medautolabel.labelling.classify import voxel_evidence
     from medautolabel.training.losses import EvidenceMax
 
     logits = torch.full((1, 20, 22, 24), -6.0)
@@ -317,7 +317,7 @@ def test_config_errors_name_the_key_and_the_builtin_recipe_matches(tmp_path):
     with pytest.raises(ConfigError, match="bad.json: not valid JSON"):
         load_config(bad)
 
-    from medautolabel import builtin_recipe
+    import builtin_recipe
 
     cfg = load_config("vessel-nerve-cta")
     assert [tuple(c["window"]) for c in cfg.input["channels"]] == builtin_recipe.WINDOWS

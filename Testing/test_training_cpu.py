@@ -13,7 +13,7 @@ import pytest
 from hostile import run_inprocess
 from test_training import TINY, write_spheres
 
-from medautolabel.modelcard import ModelCard
+from medautolabel.catalog.modelcard import ModelCard
 from medautolabel.training.config import ConfigError, apply_overrides, device_defaults, load_config
 from medautolabel.training.loop import Estimate, _bar_text, minutes, train
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from thresholdmodel import sphere_image, write_threshold_model
 
+from medautolabel.catalog.modelcard import InferenceSpec
 from medautolabel.errors import InputError
-from medautolabel.inference import sliding_window, tta_flips
-from medautolabel.modelcard import InferenceSpec
-from medautolabel.pipeline import label_image
+from medautolabel.labelling.inference import sliding_window, tta_flips
+from medautolabel.labelling.pipeline import label_image
 
 
 class Skewed(torch.nn.Module):

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from cardfactory import card_dict, grid, ras_coords, write_card
 
-from medautolabel import network as network_module
 from medautolabel.image import Image
+from medautolabel.runtime import network as network_module
 
 CENTER = np.array([3.0, -2.0, 1.5])  # contrast sphere centre, RAS mm
 RADIUS = 7.0

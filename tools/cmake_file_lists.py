@@ -15,7 +15,7 @@ from typing import List, Tuple
 MODULE = Path(__file__).resolve().parent.parent / "MedAutoLabel"
 CMAKE = MODULE / "CMakeLists.txt"
 PACKAGES = ("MedAutoLabelLib", "medautolabel")
-RESOURCE_PATTERNS = ("medautolabel/models/*/model.json", "medautolabel/models/*/*.pt",
+RESOURCE_PATTERNS = ("medautolabel/catalog/models/*/model.json", "medautolabel/catalog/models/*/*.pt",
                      "medautolabel/training/configs/*.json")
 
 

@@ -64,14 +64,14 @@ class MedAutoLabelLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def availableModels():
         """Model cards of every model found (built-in and MEDAUTOLABEL_MODEL_PATH folders)."""
-        from medautolabel.models import list_models
+        from medautolabel.catalog.registry import list_models
 
         return list_models()
 
     @staticmethod
     def addModelFolder(path: Union[str, Path]):
         """Validate a model folder and make its models findable in this session; returns its card."""
-        from medautolabel.models import ENV_VAR, resolve_model
+        from medautolabel.catalog.registry import ENV_VAR, resolve_model
 
         card = resolve_model(Path(path))
         folder = str(Path(card.path).parent if card.path else path)
@@ -86,7 +86,7 @@ class MedAutoLabelLogic(ScriptedLoadableModuleLogic):
                   device: str = "auto", progress: Optional[ProgressFn] = None, postprocess: bool = True,
                   lowConfidenceThreshold: Optional[float] = None) -> AutoLabelOutput:
         """Label a volume node synchronously (console, tests) and put the results into the scene."""
-        from medautolabel.pipeline import label_image
+        from medautolabel.labelling.pipeline import label_image
 
         image = self.volumeToImage(inputVolumeNode)
         result = label_image(image, model or DEFAULT_MODEL, device=device, progress=progress,
@@ -126,7 +126,7 @@ class MedAutoLabelLogic(ScriptedLoadableModuleLogic):
                      model: Optional[str] = None, device: str = "auto", fmt: str = "seg.nrrd",
                      overwrite: bool = False) -> List[Dict[str, Any]]:
         """Label files (or DICOM series folders) into ``outputDir`` exactly as ``medautolabel label`` does."""
-        from medautolabel.batch import label_files
+        from medautolabel.labelling.batch import label_files
 
         return label_files(list(inputPaths), outputDir, model=model or DEFAULT_MODEL, device=device, fmt=fmt,
                            overwrite=overwrite)

@@ -126,7 +126,7 @@ class BackgroundLabeller:
     def start(self, image: Image, model: str, device: str = "auto", postprocess: bool = True,
               low_confidence: Optional[float] = None) -> int:
         """Hand ``image`` to the worker (as an uncompressed NRRD in a private temporary folder); returns a run id."""
-        from medautolabel.io import write_image
+        from medautolabel.io.images import write_image
 
         if self.running:
             raise RuntimeError("a run is already in progress")
@@ -174,8 +174,8 @@ class BackgroundLabeller:
 
     def read_result(self, message: Dict[str, Any]):
         """The engine Result of a ``done`` message (labelmap from the .seg.nrrd, facts from tags.json)."""
+        from medautolabel.io.segnrrd import read_seg_nrrd
         from medautolabel.result import result_from_facts
-        from medautolabel.segnrrd import read_seg_nrrd
 
         labelmap, _ = read_seg_nrrd(message["segmentation"])
         facts = json.loads(Path(message["tags"]).read_text(encoding="utf-8"))

@@ -19,7 +19,7 @@ DICE_FLOOR = {"Vessel": 0.5, "Nerve": 0.4}  # a guard against broken geometry or
 
 def run_phantom_scenario(logic, scene, device: str = "cpu") -> Dict[str, Any]:
     """Run the scenario with ``logic`` in ``scene``; raise AssertionError on the first failed check."""
-    from medautolabel.phantoms import DEMO_SEED, make_phantom
+    from medautolabel.synthetic.phantoms import DEMO_SEED, make_phantom
 
     ph = make_phantom(DEMO_SEED)  # the demo's phantom (outside the training seeds)
     volume = scene_io.image_to_volume(ph.image, scene, "Phantom CTA")

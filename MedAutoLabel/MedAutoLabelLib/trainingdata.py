@@ -36,7 +36,7 @@ def segmentation_labelmap(segmentation_node, volume_node, values: Dict[str, int]
 def export_training_dataset(pairs: Sequence[Tuple[object, object]], out_dir: Union[str, Path],
                             label_names: Optional[List[str]] = None, name: str = "Slicer scene") -> Path:
     """Write ``out_dir/imagesTr``, ``labelsTr`` and ``dataset.json`` from (volume node, segmentation node) pairs."""
-    from medautolabel.io import write_image
+    from medautolabel.io.images import write_image
 
     if not pairs:
         raise ValueError("no (volume, segmentation) pairs to export")

@@ -28,9 +28,9 @@ def _send(stream: TextIO, message: Dict[str, Any]) -> None:
 def handle(request: Dict[str, Any], out: TextIO) -> None:
     """Label one image file and write ``result.seg.nrrd`` + ``result.tags.json`` into the request's output folder."""
     from medautolabel.errors import MedAutoLabelError
-    from medautolabel.io import read_image
-    from medautolabel.outputs import write_result
-    from medautolabel.pipeline import label_image
+    from medautolabel.io.images import read_image
+    from medautolabel.io.outputs import write_result
+    from medautolabel.labelling.pipeline import label_image
 
     rid = request.get("id")
     try:
@@ -71,7 +71,7 @@ if __name__ == "__main__":
     here = Path(__file__).resolve().parent.parent  # the module folder: holds medautolabel/ and MedAutoLabelLib/
     if str(here) not in sys.path:
         sys.path.insert(0, str(here))
-    from medautolabel.monai_import import import_lean
+    from medautolabel.runtime.monai_import import import_lean
 
     import_lean()  # this process is medautolabel's own: MONAI without the packages it never uses here
     serve()

@@ -1,5 +1,5 @@
 """``python -m medautolabel`` runs the ``medautolabel`` command."""
 
-from .cli import run
+from medautolabel.cli.app import run
 
 run()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Union
 
-from .text import printable
+from medautolabel.text import printable
 
 
 class MedAutoLabelError(Exception):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-from .result import Code, Terminology
+from medautolabel.result import Code, Terminology
 
 TAG_NAME = "TerminologyEntry"  # vtkSegment::GetTerminologyEntryTagName()
 SLICER_ANATOMY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"

@@ -8,8 +8,8 @@ from typing import Optional, Tuple, Union
 import numpy as np
 from scipy import ndimage
 
-from ..errors import InputError
-from ..image import Image
+from medautolabel.errors import InputError
+from medautolabel.image import Image
 
 TOLERANCE_MM = 1e-3
 

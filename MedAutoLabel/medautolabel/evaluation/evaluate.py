@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Union
 
-from .. import __version__
-from ..atomic import atomic_outputs, make_folder
-from ..image import Image
-from ..ownership import EVALUATION_FORMAT, REPORT_FILES, check_replaceable
-from .align import to_reference_grid
-from .metrics import STATUSES, classification_metrics, segment_metrics
-from .pairing import pair_cases, predicted_classes, read_labelmap, reference_classes
-from .report import summarise, write_csv, write_html, write_summary
+from medautolabel import __version__
+from medautolabel.evaluation.align import to_reference_grid
+from medautolabel.evaluation.metrics import STATUSES, classification_metrics, segment_metrics
+from medautolabel.evaluation.pairing import pair_cases, predicted_classes, read_labelmap, reference_classes
+from medautolabel.evaluation.report import summarise, write_csv, write_html, write_summary
+from medautolabel.image import Image
+from medautolabel.io.atomic import atomic_outputs, make_folder
+from medautolabel.io.ownership import EVALUATION_FORMAT, REPORT_FILES, check_replaceable
 
 PathLike = Union[str, Path]
 

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..image import Image
+from medautolabel.image import Image
 
 
 def _spacing_kji(image: Image) -> List[float]:

@@ -10,9 +10,9 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from ..errors import InputError
-from ..image import Image
-from ..limits import MAX_JSON_DEPTH, json_depth_exceeds
+from medautolabel.errors import InputError
+from medautolabel.image import Image
+from medautolabel.limits import MAX_JSON_DEPTH, json_depth_exceeds
 
 PathLike = Union[str, Path]
 LABELMAP_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -100,8 +100,8 @@ def _dataset_json(path: Path) -> Optional[dict]:
 
 def read_labelmap(path: Path) -> Labelmap:
     """A labelmap with its label names: from the .seg.nrrd, ``<case>.labels.csv`` or a dataset.json nearby."""
-    from ..io import read_image
-    from ..segnrrd import read_seg_nrrd
+    from medautolabel.io.images import read_image
+    from medautolabel.io.segnrrd import read_seg_nrrd
 
     if path.name.lower().endswith(".seg.nrrd"):
         image, segments = read_seg_nrrd(path)

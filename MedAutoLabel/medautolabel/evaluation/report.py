@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
-from ..text import printable
+from medautolabel.text import printable
 
 COLUMNS = ["case", "label", "name", "status", "dice", "hd95_mm", "msd_mm", "volume_pred_ml", "volume_ref_ml",
            "volume_diff_ml", "volume_diff_percent", "resampled"]

@@ -10,6 +10,6 @@ from typing import Any
 
 def train(*args: Any, **kwargs: Any):
     """See :func:`medautolabel.training.loop.train`."""
-    from .loop import train as _train
+    from medautolabel.training.loop import train as _train
 
     return _train(*args, **kwargs)

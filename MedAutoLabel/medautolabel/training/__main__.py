@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli import main
+from medautolabel.cli.train import main
 
 sys.exit(main())

@@ -1,6 +1,6 @@
 """Preprocessed training cases in one HDF5 file (h5py; chunked, compressed).
 
-Each case is run once through ``medautolabel.preprocess.preprocess`` -- the very function
+Each case is run once through ``medautolabel.labelling.preprocess.preprocess`` -- the very function
 inference uses -- and stored on the network grid: ``image`` (C, *spatial) float32 channels and
 ``label`` (*spatial) raw dataset label values (nearest-neighbour onto the same grid), plus a
 random subset of voxel indices per label value (crop centres). Groups are named by the content
@@ -25,12 +25,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..modelcard import ModelCard
-from ..network import file_sha256
-from ..preprocess import preprocess, resample
-from .config import Cache as CacheConfig
-from .config import ConfigError
-from .data import Case, read_image
+from medautolabel.catalog.modelcard import ModelCard
+from medautolabel.labelling.preprocess import preprocess, resample
+from medautolabel.runtime.network import file_sha256
+from medautolabel.training.config import Cache as CacheConfig
+from medautolabel.training.config import ConfigError
+from medautolabel.training.data import Case, read_image
 
 FORMAT = "medautolabel-training-cache/1"
 CHUNK = 32  # voxels per chunk side: a 64^3 crop touches 27-64 chunks

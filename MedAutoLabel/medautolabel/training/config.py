@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from ..errors import MedAutoLabelError
+from medautolabel.errors import MedAutoLabelError
 
 # Two CT windows: soft tissue, and a wide one that keeps dense contrast distinct from bone.
 DEFAULT_CT_CHANNELS = [{"name": "soft tissue", "window": [-150.0, 350.0]},

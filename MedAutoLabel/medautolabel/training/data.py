@@ -23,8 +23,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from ..image import Image
-from .config import ConfigError
+from medautolabel.image import Image
+from medautolabel.training.config import ConfigError
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -182,10 +182,10 @@ def split(dataset: Dataset, fraction: float, seed: int,
 
 
 def read_image(path: Path) -> Image:
-    """Read an image file with the engine's reader (medautolabel.io), or nibabel for NIfTI without it."""
+    """Read an image file with the engine's reader (medautolabel.io.images), or nibabel for NIfTI without it."""
     try:
-        from ..io import read_image as engine_read
-    except ImportError:  # medautolabel.io is written in parallel; NIfTI needs no more than nibabel
+        from medautolabel.io.images import read_image as engine_read
+    except ImportError:  # medautolabel.io.images is written in parallel; NIfTI needs no more than nibabel
         engine_read = None
     if engine_read is not None:
         return engine_read(path)

@@ -18,9 +18,9 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from ..modelcard import ModelCard
-from .config import ConfigError, TrainConfig, default_channels
-from .data import Dataset
+from medautolabel.catalog.modelcard import ModelCard
+from medautolabel.training.config import ConfigError, TrainConfig, default_channels
+from medautolabel.training.data import Dataset
 
 _STRUCTURE = {"scheme": "SCT", "value": "123037004", "meaning": "Anatomical Structure"}
 _TISSUE = {"scheme": "SCT", "value": "85756007", "meaning": "Tissue"}
@@ -239,8 +239,8 @@ def write_model(model_dir: Path, card: Dict[str, Any], state: Dict[str, torch.Te
 
     A reader never sees a card whose sha256 does not match the weights beside it.
     """
-    from ..atomic import atomic_outputs, make_folder
-    from ..network import file_sha256
+    from medautolabel.io.atomic import atomic_outputs, make_folder
+    from medautolabel.runtime.network import file_sha256
 
     make_folder(model_dir)
     card = copy.deepcopy(card)

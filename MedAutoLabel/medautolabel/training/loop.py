@@ -30,17 +30,17 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from ..device import autocast, select_device
-from ..errors import Cancelled
-from ..modelcard import ModelCard
-from . import distributed
-from .cache import CaseStore, build_cache, default_cache_path
-from .config import ConfigError, TrainConfig, apply_overrides, device_defaults, load_config
-from .data import load_dataset, split
-from .export import Plan, grow_state_dict, plan_model, state_sha256, write_model
-from .losses import EvidenceMax, evidence_loss, segmentation_loss
-from .transforms import PatchSampler, bag_box, read_box
-from .validate import validate
+from medautolabel.catalog.modelcard import ModelCard
+from medautolabel.errors import Cancelled
+from medautolabel.runtime.device import autocast, select_device
+from medautolabel.training import distributed
+from medautolabel.training.cache import CaseStore, build_cache, default_cache_path
+from medautolabel.training.config import ConfigError, TrainConfig, apply_overrides, device_defaults, load_config
+from medautolabel.training.data import load_dataset, split
+from medautolabel.training.export import Plan, grow_state_dict, plan_model, state_sha256, write_model
+from medautolabel.training.losses import EvidenceMax, evidence_loss, segmentation_loss
+from medautolabel.training.transforms import PatchSampler, bag_box, read_box
+from medautolabel.training.validate import validate
 
 LogFn = Callable[[str], None]
 ProgressFn = Callable[[Dict[str, Any]], None]
@@ -250,9 +250,9 @@ def train(data: Union[str, Path], model_dir: Union[str, Path],
 
 def _train(data, model_dir: Path, config, base, dev: torch.device, overrides, resume: bool, cache_path, command,
            say: LogFn, progress, cancel, stop_after_epochs, dist: distributed.Dist, t_start: float) -> TrainResult:
-    from ..models import resolve_model
-    from ..network import build_network, read_state_dict
-    from ..pipeline import software_versions
+    from medautolabel.catalog.registry import resolve_model
+    from medautolabel.labelling.pipeline import software_versions
+    from medautolabel.runtime.network import build_network, read_state_dict
 
     cfg = _prepare_run(model_dir, config, resume, overrides)
     run_dir = model_dir / "training"

@@ -15,8 +15,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .cache import CaseStore
-from .config import Augmentation
+from medautolabel.training.cache import CaseStore
+from medautolabel.training.config import Augmentation
 
 
 def augmentations(cfg: Augmentation, patch: Sequence[int]):

@@ -8,12 +8,12 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..classify import voxel_evidence
-from ..device import autocast
-from ..modelcard import ModelCard
-from .cache import CaseStore
-from .data import Case
-from .transforms import map_labels
+from medautolabel.catalog.modelcard import ModelCard
+from medautolabel.labelling.classify import voxel_evidence
+from medautolabel.runtime.device import autocast
+from medautolabel.training.cache import CaseStore
+from medautolabel.training.data import Case
+from medautolabel.training.transforms import map_labels
 
 
 @torch.no_grad()

@@ -1,0 +1,175 @@
+"""``label_image``: one image through a model -> Result (labelmap, segments, classes, provenance)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Union
+
+from medautolabel import __version__
+from medautolabel.catalog.modelcard import TTA_MODES, ModelCard
+from medautolabel.catalog.registry import resolve_model
+from medautolabel.errors import Cancelled, InputError
+from medautolabel.image import Image
+from medautolabel.labelling.classify import classify
+from medautolabel.labelling.inference import infer
+from medautolabel.labelling.postprocess import postprocess as postprocess_output
+from medautolabel.labelling.preprocess import preprocess, repair_non_finite
+from medautolabel.result import Result
+from medautolabel.runtime.device import resolve_precision, select_device
+from medautolabel.runtime.network import file_sha256, load_network
+
+log = logging.getLogger("medautolabel")
+
+ProgressFn = Callable[[float, str], None]
+CancelFn = Callable[[], bool]
+
+# share of the progress bar per stage (inference dominates)
+_STAGES = {"loading model": (0.0, 0.05), "preprocessing": (0.05, 0.12), "inference": (0.12, 0.92),
+           "postprocessing": (0.92, 1.0)}
+_MODALITY_ALIASES = {"CT": "CT", "MR": "MR", "MRI": "MR", "PT": "PT", "PET": "PT", "US": "US", "XA": "XA"}
+
+
+def check_modality(image: Image, card: ModelCard) -> None:
+    """Refuse an image whose modality (``image.meta["modality"]``) contradicts the card; unknown is fine."""
+    given = _MODALITY_ALIASES.get(str(image.meta.get("modality") or "").strip().upper())
+    if given is None or card.modality == "OTHER" or given == card.modality:
+        return
+    raise InputError(f"the image is {given}, but model {card.id!r} expects {card.modality}",
+                     image.meta.get("source_path"))
+
+
+def check_is_image(image: Image) -> None:
+    """Refuse a segmentation or labelmap given as the image (``io.read_image`` records the evidence).
+
+    Labelling label values as if they were intensities gives confident nonsense, never an error.
+    """
+    evidence = image.meta.get("labelmap_evidence")
+    if evidence:
+        raise InputError(f"is a segmentation/labelmap, not an image ({evidence})", image.meta.get("source_path"))
+
+
+def software_versions() -> Dict[str, str]:
+    """Versions of the software that shapes a result (read from package metadata, no imports)."""
+    from importlib import metadata
+
+    out = {"medautolabel": __version__, "python": platform.python_version()}
+    for dist in ("torch", "monai", "SimpleITK", "numpy", "scipy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+class _Progress:
+    """Maps stage-local fractions onto 0..1 and never goes backwards (an OOM retry restarts inference)."""
+
+    def __init__(self, callback: Optional[ProgressFn]) -> None:
+        self.callback = callback
+        self.last = 0.0
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        lo, hi = _STAGES[stage]
+        value = max(self.last, lo + (hi - lo) * min(max(fraction, 0.0), 1.0))
+        self.last = value
+        if self.callback is not None:
+            self.callback(value, stage)
+
+
+def label_image(image: Image, model: Union[str, Path, ModelCard], device: str = "auto",
+                progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
+                postprocess: bool = True, low_confidence_threshold: Optional[float] = None,
+                warn: Optional[Callable[[str], None]] = None, tta: Optional[str] = None,
+                precision: str = "auto") -> Result:
+    """Label ``image`` with ``model`` (a ModelCard, model id or model folder).
+
+    ``progress(fraction, stage)`` gets 0..1; ``cancel()`` returning True stops the run within one
+    window batch with ``Cancelled``; ``postprocess=False`` skips the per-label clean-up;
+    ``warn(message)`` hears about fallbacks (default: the "medautolabel" logger); ``tta``
+    overrides the card's test-time augmentation ("none", "flip", "flip-all"); ``precision`` is the
+    network's ("auto": float16 on CUDA, bfloat16 on CPUs with native bfloat16, else float32).
+    A segmentation given as the image and a mostly non-finite image are refused; a few non-finite
+    voxels are repaired first. ``provenance["input_repairs"]`` lists what was done to the input
+    (non-finite voxels replaced, DICOM slices interpolated), so that no repair goes unrecorded.
+    """
+    t_start = time.perf_counter()
+    timings: Dict[str, float] = {}
+    report = _Progress(progress)
+    warn = warn or log.warning
+
+    def check_cancel() -> None:
+        if cancel is not None and cancel():
+            raise Cancelled()
+
+    def timed(stage: str, t0: float) -> float:
+        now = time.perf_counter()
+        timings[stage] = round(now - t0, 4)
+        return now
+
+    check_is_image(image)
+    image, repairs = repair_non_finite(image)
+    report("loading model", 0.0)
+    card = resolve_model(model)
+    if tta is not None and tta != card.inference.tta:
+        if tta not in TTA_MODES:
+            raise InputError(f"unknown test-time augmentation {tta!r}: use one of {', '.join(TTA_MODES)}")
+        card = dataclasses.replace(card, inference=dataclasses.replace(card.inference, tta=tta))
+    check_modality(image, card)
+    dev = select_device(device)
+    resolve_precision(dev, precision)  # an unknown or impossible precision fails before any work
+    network = load_network(card, dev)
+    sha = file_sha256(card.weights_path)
+    t = timed("load_model", t_start)
+    check_cancel()
+
+    report("preprocessing", 0.0)
+    prepared = preprocess(image, card)
+    t = timed("preprocess", t)
+    check_cancel()
+
+    report("inference", 0.0)
+    window_stats: Dict[str, Any] = {}
+    logits, used, used_precision = infer(network, prepared.tensor, card.inference, dev,
+                                         progress=lambda f: report("inference", f), cancel=cancel, warn=warn,
+                                         load_on=lambda d: load_network(card, d), precision=precision,
+                                         optimise=True, stats=window_stats)
+    t = timed("inference", t)
+    prepared.tensor = prepared.tensor.new_empty(0)  # free the input tensor: only its geometry is needed now
+    check_cancel()
+
+    report("postprocessing", 0.0)
+    classes = classify(logits, prepared, card, low_confidence_threshold)  # before postprocess edits logits
+    t = timed("classify", t)
+    labelmap, segments = postprocess_output(logits, prepared, card, postprocess, low_confidence_threshold)
+    del logits
+    t = timed("postprocess", t)
+    timings["total"] = round(t - t_start, 4)
+    report("postprocessing", 1.0)
+
+    provenance: Dict[str, Any] = {
+        "model": {"id": card.id, "name": card.name, "version": card.version,
+                  "weights": card.network.weights, "weights_sha256": sha},
+        "device": used,
+        "amp": used_precision != "float32",
+        "precision": used_precision,
+        "network_runtime": window_stats["network_runtime"],
+        "windows": {"computed": window_stats["windows"] - window_stats["windows_reused"],
+                    "reused_constant": window_stats["windows_reused"]},
+        "input_repairs": list(image.meta.get("input_repairs", [])) + repairs,
+        "postprocessing": bool(postprocess),
+        "test_time_augmentation": card.inference.tta,
+        "low_confidence_threshold": (card.low_confidence_threshold if low_confidence_threshold is None
+                                     else low_confidence_threshold),
+        "network_grid": {"shape_kji": list(prepared.net_shape),
+                         "spacing_mm": [round(float(s), 6) for s in prepared.net_spacing],
+                         "crop_kji": [[s.start, s.stop] for s in prepared.crop]},
+        "timings_s": timings,
+        "software": software_versions(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return Result(labelmap=labelmap, segments=segments, classifications=classes, provenance=provenance)

@@ -1,0 +1,1 @@
+"""Synthetic CT angiography phantoms and the demo built on them."""
