@@ -9,10 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from medautolabel.catalog.bundle import BundleModel, bundle_sha256
+from medautolabel.catalog.bundle import bundle_sha256
 from medautolabel.cli.app import main
 from medautolabel.image import make_ijk_to_ras
 from medautolabel.io.images import read_image, write_image
+from medautolabel.labelling.bundle_runner import BundleModel
 from medautolabel.labelling.pipeline import label_image
 from medautolabel.synthetic.phantoms import render, training_grid
 

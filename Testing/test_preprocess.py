@@ -9,8 +9,9 @@ from cardfactory import GRIDS, card_dict, grid, ras_coords
 from nibabel.orientations import aff2axcodes
 
 from medautolabel.catalog.modelcard import ModelCard
+from medautolabel.geometry import reorient
 from medautolabel.image import Image
-from medautolabel.labelling.preprocess import foreground_box, preprocess, reorient, resample, to_input_grid
+from medautolabel.labelling.preprocess import foreground_box, preprocess, resample, to_input_grid
 
 torch.set_num_threads(1)
 WINDOW = [-3000.0, 3000.0]  # wide enough that the ramps below are never clipped

@@ -138,3 +138,21 @@ def _to_numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):  # torch tensor / MONAI MetaTensor
         x = x.detach().cpu().numpy()
     return np.asarray(x)
+
+
+def reorient(array: np.ndarray, ijk_to_ras: np.ndarray, codes: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Permute/flip the axes (a view, no interpolation) so that i, j, k point along ``codes`` (e.g. "RAS").
+
+    Axis codes follow nibabel/MONAI: "RAS" means i increases towards Right, j towards Anterior,
+    k towards Superior. For oblique grids each axis goes to the closest direction.
+    """
+    from nibabel import orientations as ornt
+
+    shape_ijk = array.shape[::-1]
+    current = ornt.io_orientation(ijk_to_ras)
+    transform = ornt.ornt_transform(current, ornt.axcodes2ornt(tuple(codes)))
+    if np.array_equal(transform, [[0, 1], [1, 1], [2, 1]]):
+        return array, np.array(ijk_to_ras, dtype=np.float64)
+    out_ijk = ornt.apply_orientation(array.T, transform)  # .T views (k, j, i) as (i, j, k)
+    matrix = np.asarray(ijk_to_ras, dtype=np.float64) @ ornt.inv_ornt_aff(transform, shape_ijk)
+    return out_ijk.T, matrix

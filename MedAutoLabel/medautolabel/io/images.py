@@ -24,6 +24,7 @@ from medautolabel.errors import InputError, MedAutoLabelError
 from medautolabel.geometry import image_from_sitk, image_to_sitk, lps_affine_to_ras
 from medautolabel.image import Image
 from medautolabel.io.atomic import atomic_output
+from medautolabel.io.ownership import TAGS_FORMAT
 from medautolabel.limits import exceeds_memory, human_bytes, json_depth_exceeds, memory_problem, voxel_count
 from medautolabel.text import escaped, printable
 
@@ -210,7 +211,6 @@ def _own_tags_file(p: Path) -> Optional[Path]:
     """The sibling ``<stem>.tags.json`` (format medautolabel-tags/1) naming ``p`` as its labelmap, if any."""
     import json
 
-    from medautolabel.io.outputs import TAGS_FORMAT  # here: outputs imports this module
 
     name = p.name
     stem = name[: -len(extension(p))] if extension(p) else p.stem

@@ -7,9 +7,9 @@ from typing import Dict, Sequence, Tuple, Union
 
 import numpy as np
 
+from medautolabel.geometry import reorient
 from medautolabel.image import Image
 from medautolabel.io.atomic import atomic_output
-from medautolabel.labelling.preprocess import reorient
 from medautolabel.text import printable
 
 Color = Tuple[float, float, float]

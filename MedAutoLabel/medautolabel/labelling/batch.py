@@ -78,8 +78,9 @@ def label_files(inputs: Sequence[PathLike], out_dir: PathLike, model: Union[str,
     re-raises the first error; ``Cancelled`` always propagates. An output that would replace an
     input or a file medautolabel did not write raises ``MedAutoLabelError`` before any work.
     """
-    from medautolabel.catalog.bundle import BundleModel, is_bundle
+    from medautolabel.catalog.bundle import is_bundle
     from medautolabel.io.images import read_image  # SimpleITK import deferred: `medautolabel --help` stays fast
+    from medautolabel.labelling.bundle_runner import BundleModel
     from medautolabel.labelling.pipeline import label_image
 
     bundle = BundleModel(model, device=device, trust=trust) if not isinstance(model, ModelCard) and \

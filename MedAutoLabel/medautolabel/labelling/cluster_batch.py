@@ -102,8 +102,9 @@ def label_case(path: str, out_dir: str, model: str, device: str, fmt: str, threa
 
 def check_model(model_ref: str, device: str = "auto", trust: bool = False) -> None:
     """Fail now, in one line, on a model the workers could not run: unknown, broken, or an untrusted bundle."""
-    from medautolabel.catalog.bundle import BundleModel, is_bundle
+    from medautolabel.catalog.bundle import is_bundle
     from medautolabel.catalog.registry import resolve_model
+    from medautolabel.labelling.bundle_runner import BundleModel
 
     if is_bundle(Path(model_ref)):
         BundleModel(model_ref, device=device, trust=trust)

@@ -9,8 +9,8 @@ import torch
 
 from medautolabel.catalog.modelcard import InferenceSpec
 from medautolabel.errors import Cancelled, MedAutoLabelError
-from medautolabel.runtime.cpu_graph import first_output
 from medautolabel.runtime.device import autocast, empty_cache, is_out_of_memory, resolve_precision
+from medautolabel.runtime.network import first_output
 
 ProgressFn = Callable[[float], None]
 CancelFn = Callable[[], bool]

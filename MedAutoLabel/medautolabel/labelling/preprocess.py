@@ -23,6 +23,7 @@ from scipy import ndimage
 
 from medautolabel.catalog.modelcard import InputChannel, ModelCard
 from medautolabel.errors import InputError
+from medautolabel.geometry import reorient
 from medautolabel.image import Image
 from medautolabel.labelling import normalize
 from medautolabel.limits import MAX_NON_FINITE_SHARE, exceeds_memory, memory_problem, voxel_count
@@ -119,24 +120,6 @@ def _large_parts(mask: np.ndarray, spacing_kji: Sequence[float], min_part: float
     for axis, st in enumerate(steps):
         kept = np.repeat(kept, st, axis=axis)
     return kept[: mask.shape[0], : mask.shape[1], : mask.shape[2]]
-
-
-def reorient(array: np.ndarray, ijk_to_ras: np.ndarray, codes: str) -> Tuple[np.ndarray, np.ndarray]:
-    """Permute/flip the axes (a view, no interpolation) so that i, j, k point along ``codes`` (e.g. "RAS").
-
-    Axis codes follow nibabel/MONAI: "RAS" means i increases towards Right, j towards Anterior,
-    k towards Superior. For oblique grids each axis goes to the closest direction.
-    """
-    from nibabel import orientations as ornt
-
-    shape_ijk = array.shape[::-1]
-    current = ornt.io_orientation(ijk_to_ras)
-    transform = ornt.ornt_transform(current, ornt.axcodes2ornt(tuple(codes)))
-    if np.array_equal(transform, [[0, 1], [1, 1], [2, 1]]):
-        return array, np.array(ijk_to_ras, dtype=np.float64)
-    out_ijk = ornt.apply_orientation(array.T, transform)  # .T views (k, j, i) as (i, j, k)
-    matrix = np.asarray(ijk_to_ras, dtype=np.float64) @ ornt.inv_ornt_aff(transform, shape_ijk)
-    return out_ijk.T, matrix
 
 
 def resampled_grid(shape_kji: Sequence[int], ijk_to_ras: np.ndarray,

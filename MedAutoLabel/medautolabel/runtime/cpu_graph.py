@@ -26,6 +26,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from medautolabel.runtime.device import float32_arithmetic
+from medautolabel.runtime.network import first_output
 
 log = logging.getLogger("medautolabel")
 
@@ -36,11 +37,6 @@ RUNTIMES = ("auto", "openvino", "torchscript", "pytorch")
 _graphs: weakref.WeakKeyDictionary[torch.nn.Module, Dict[Shape, Tuple[Runner, str]]] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 TOLERANCE = 1e-3  # largest |graph - eager| accepted on the check window (network outputs are logits)
-
-
-def first_output(out):
-    """The main output of a network that may return several heads (deep supervision)."""
-    return out[0] if isinstance(out, (list, tuple)) else out
 
 
 def requested_runtime() -> str:

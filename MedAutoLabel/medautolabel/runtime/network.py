@@ -16,12 +16,14 @@ import warnings
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, Mapping, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Tuple, Union
 
 import torch
 
-from medautolabel.catalog.modelcard import ModelCard
 from medautolabel.errors import ModelError
+
+if TYPE_CHECKING:  # the card is read, never imported at run time: runtime sits below catalog
+    from medautolabel.catalog.modelcard import ModelCard
 
 _CACHE_SIZE = 3
 _cache: OrderedDict[Tuple[str, str, str, str], torch.nn.Module] = OrderedDict()
@@ -45,6 +47,11 @@ def file_sha256(path: Union[str, Path]) -> str:
     with _lock:
         _sha_cache[key] = digest
     return digest
+
+
+def first_output(out):
+    """The main output of a network that may return several heads (deep supervision)."""
+    return out[0] if isinstance(out, (list, tuple)) else out
 
 
 def build_network(card: ModelCard) -> torch.nn.Module:

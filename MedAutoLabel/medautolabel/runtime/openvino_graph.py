@@ -37,8 +37,8 @@ import torch
 
 from medautolabel.io.atomic import TEMP_PREFIX
 from medautolabel.runtime import graph_rewrites
-from medautolabel.runtime.cpu_graph import first_output
 from medautolabel.runtime.device import float32_arithmetic
+from medautolabel.runtime.network import first_output
 
 log = logging.getLogger("medautolabel")
 
