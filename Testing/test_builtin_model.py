@@ -40,12 +40,14 @@ def test_builtin_weights_match_their_card():
     assert card.path.parent.joinpath(card.network.weights).stat().st_size <= 20 * 2 ** 20
 
 
+@pytest.mark.slow
 def test_dice_above_the_floor_on_held_out_phantoms(scores):
     vessel = np.mean([s["vessel"] for s in scores])
     nerve = np.mean([s["nerve"] for s in scores])
     assert vessel >= VESSEL_FLOOR and nerve >= NERVE_FLOOR, [(s["vessel"], s["nerve"]) for s in scores]
 
 
+@pytest.mark.slow
 def test_facts_and_classification_are_well_formed(scores):
     for s in scores:
         r = s["result"]
@@ -74,6 +76,7 @@ def test_bfloat16_gives_the_float32_labels():
         assert dice(a == value, b == value) >= 0.99
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runtime,name", [("auto", "openvino"), ("torchscript", "torchscript-frozen")])
 def test_compiled_cpu_network_gives_the_eager_labels(monkeypatch, runtime, name):
     """In float32 on the CPU the network runs compiled (OpenVINO, else frozen TorchScript): eager PyTorch's labels."""

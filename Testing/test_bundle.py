@@ -53,6 +53,7 @@ def test_export_writes_a_model_zoo_layout(bundle_dir):
     assert config["datalist"].endswith("'/imagesTs/*.nii.gz')))") and config["network_def"]["_target_"] == "UNet"
 
 
+@pytest.mark.slow
 def test_monai_runner_and_medautolabel_give_the_same_labels(bundle_dir, tmp_path, capsys):
     data = tmp_path / "data"
     (data / "imagesTs").mkdir(parents=True)

@@ -88,6 +88,7 @@ def test_label_several_inputs_one_bad_goes_on_and_exits_2(model_dir, scan, tmp_p
     assert len(err) == 1 and str(bad) in err[0]
 
 
+@pytest.mark.slow
 def test_demo_writes_five_files_and_prints_dice(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--device", "cpu", "-q"]) == 0
@@ -177,6 +178,7 @@ def test_the_console_script_freezes_the_collector_before_exiting_with_mains_stat
     assert scripts["medautolabel"] == "medautolabel.cli:run"
 
 
+@pytest.mark.slow
 def test_a_labelling_process_ends_with_complete_files_slicerio_reads(model_dir, scan, tmp_path):
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, "-m", "medautolabel", "label", str(scan), "-o", str(out), "-q",

@@ -57,6 +57,7 @@ def test_find_cases_takes_images_and_dicom_folders(tmp_path):
     assert names == ["series7", "case00.nii.gz", "case01.nii.gz"]
 
 
+@pytest.mark.slow
 def test_two_workers_label_every_case_and_write_a_summary(model_dir, tmp_path, capsys):
     make_studies(tmp_path / "in", 4)
     bad = tmp_path / "in" / "site0" / "broken.nrrd"
@@ -78,6 +79,7 @@ def test_two_workers_label_every_case_and_write_a_summary(model_dir, tmp_path, c
     assert "2 failed" not in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_killed_batch_resumes_without_rewriting_finished_cases(model_dir, tmp_path):
     make_studies(tmp_path / "in", 6)
     out = tmp_path / "out"

@@ -474,6 +474,7 @@ _FSIZE_CHILD = ("import resource, sys\n"
                 "sys.exit(main(sys.argv[1:]))\n")
 
 
+@pytest.mark.slow
 def test_label_over_the_file_size_limit(tmp_path, model_dir):
     """RLIMIT_FSIZE (ulimit -f) in a child process: the write fails with EFBIG, reported in one line."""
     image = scan(tmp_path / "in")

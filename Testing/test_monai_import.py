@@ -20,6 +20,7 @@ def _python(code: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_lean_import_skips_the_packages_and_they_stay_importable():
     facts = _python(f"""
 import json, sys
@@ -45,6 +46,7 @@ print(json.dumps({{"first": first, "second": import_lean(), "loaded": loaded, "h
     assert facts["later"] == {"scipy.signal": True}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(find_spec("matplotlib") is None, reason="matplotlib is not installed")
 def test_a_package_already_imported_is_used_by_monai_as_usual():
     facts = _python("""
@@ -58,6 +60,7 @@ print(json.dumps({"has_matplotlib": jupyter_utils.has_matplotlib}))
     assert facts == {"has_matplotlib": True}
 
 
+@pytest.mark.slow
 def test_the_label_command_imports_monai_lean(tmp_path):
     facts = _python(f"""
 import json, sys

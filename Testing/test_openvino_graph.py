@@ -120,6 +120,7 @@ print(compiled is not None, openvino_graph.telemetry_is_off(), attempts, os.path
 """
 
 
+@pytest.mark.slow
 def test_converting_sends_no_telemetry_and_leaves_nothing_in_home(tmp_path):
     """Plain ``import openvino`` writes ~/intel/openvino_ga_cid and queues Google Analytics events; ours must not."""
     import os

@@ -159,6 +159,7 @@ def test_evaluate_section_compares_two_segmentations(scene, model_dir):
     assert table.GetNumberOfRows() == 1 and table.GetCellText(0, 0) == "Vessel"
 
 
+@pytest.mark.slow
 def test_background_worker_labels_reuses_itself_and_cancels_fast(model_dir, tmp_path):
     runner = BackgroundLabeller(python=sys.executable)
     try:
@@ -209,6 +210,7 @@ def read_image_big(tmp_path) -> Image:
     return make_phantom(1_000_778).image
 
 
+@pytest.mark.slow
 def test_worker_reports_user_errors_and_keeps_serving(tmp_path):
     runner = BackgroundLabeller(python=sys.executable)
     try:
@@ -220,6 +222,7 @@ def test_worker_reports_user_errors_and_keeps_serving(tmp_path):
         runner.shutdown()
 
 
+@pytest.mark.slow
 def test_shared_selftest_scenario(scene):
     facts = run_phantom_scenario(MedAutoLabelLogic(scene), scene)
     assert set(facts["dice"]) == {"Vessel", "Nerve"}
@@ -287,6 +290,7 @@ def test_scene_pairs_export_to_a_training_dataset(scene, tmp_path):
         np.testing.assert_array_equal(lab.array == 2, nerve)
 
 
+@pytest.mark.slow
 def test_background_training_reports_progress_and_cancels_fast(scene, tmp_path):
     from MedAutoLabelLib.runner import BackgroundTrainer
 

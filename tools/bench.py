@@ -70,10 +70,9 @@ def ct_volume(path: Path, seed: int = 1_000_999, shape_kji=CT_SHAPE_KJI) -> Path
 def segresnet_model(folder: Path) -> Path:
     """A SegResNet model folder (the built-in model's two CT windows, 3 outputs) with seeded random weights.
 
-    The heavier network: full-resolution convolutions make it about 2.7x slower per 96^3 window
-    than the built-in UNet on a 2-core CPU (1.0 s against 0.39 s), although it has fewer
-    parameters (1.2 M). init_filters 8 keeps one MONAI run on the CT-sized input near 4 minutes
-    there (16 filters: 2.4 s per window, 10 minutes a run).
+    The heavier network: full-resolution convolutions make each 96^3 window slower than the built-in
+    UNet's, although it has fewer parameters. init_filters 8 keeps one MONAI run on the CT-sized
+    input within minutes on a CPU; 16 filters would more than double it (docs/benchmarks.md).
     """
     import torch
     from monai.networks.nets import SegResNet

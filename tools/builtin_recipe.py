@@ -1,11 +1,11 @@
 """The recipe that trains the built-in ``vessel-nerve-cta`` model on synthetic phantoms.
 
-Reproduce the committed weights with (about two hours on 2 CPU cores; see docs/builtin-model.md)::
+Reproduce the committed weights with (hours on a CPU; see docs/builtin-model.md)::
 
     python tools/builtin_recipe.py --out runs/vessel-nerve-cta --iterations 9500 --seed 0
     python tools/builtin_recipe.py --out runs/phase2 --init runs/vessel-nerve-cta/best.pt \
         --iterations 6000 --seed 1 --lr 1e-3
-    python tools/builtin_recipe.py --out runs/phase2 --export MedAutoLabel/medautolabel/models/vessel-nerve-cta
+    python tools/builtin_recipe.py --out runs/phase2 --export MedAutoLabel/medautolabel/catalog/models/vessel-nerve-cta
 
 The network is a MONAI UNet with 4 output channels: a softmax over background / vessel / nerve and
 one sigmoid channel that marks aneurysm-sac voxels; the aneurysm classifier reads that channel

@@ -1,3 +1,5 @@
 """MedAutoLabel engine: automatic labelling of medical images (no Slicer imports here)."""
 
-__version__ = "0.1.0"
+from medautolabel._version import __version__
+
+__all__ = ["__version__"]

@@ -3,8 +3,8 @@
 argparse's own ``error()`` prints a usage line and then ``prog: error: ...``; the promise of the
 command is one line ``medautolabel: error: <option or file>: <problem>`` and exit status 2, so
 ``OneLineParser`` prints exactly that. Sub-command parsers made by ``add_subparsers`` inherit the
-class (argparse uses the parent's class), including those registered by ``training/cli.py`` and
-``evaluation/cli.py``.
+class (argparse uses the parent's class), including those registered by ``cli/train.py`` and
+``cli/evaluate.py``.
 
 The validators turn a string into a value or raise ``argparse.ArgumentTypeError`` with the problem;
 argparse then names the option. NaN and infinities are refused everywhere: ``float("nan")`` would

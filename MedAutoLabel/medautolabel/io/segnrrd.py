@@ -145,8 +145,8 @@ def write_seg_nrrd(labelmap: Image, segments: Sequence[SegmentInfo], path: PathL
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(p) if atomic else contextlib.nullcontext(p) as target:
-        # gzip level 1: a CT-sized labelmap (31 M voxels) in 0.7 s instead of 2.1 s at level 6; labelmaps are
-        # mostly background, so the file stays small (227 KiB against 87 KiB for the benchmark CT)
+        # gzip level 1 compresses much faster than the default level 6; labelmaps are mostly
+        # background, so the file stays small (figures in docs/benchmarks.md)
         nrrd.write(str(target), data, header, index_order="C", compression_level=1)
     return p
 

@@ -5,9 +5,8 @@ the importance map (MONAI's ``compute_importance_map``), the zero padding of ima
 window and the normalisation are those of ``monai.inferers.sliding_window_inference``, so the
 output is the same to float32 rounding (tested). Written here because MONAI's loop makes three
 passes over every window's output: the predictor's copy out of the network's buffer, the weighting
-(``*= importance``) and the strided add into the image. For the benchmark CT's 210 windows of
-4 x 96^3 on 2 cores (cProfile): 2.0 s in MONAI's loop (copy 0.44, weighting and count map 0.71,
-add 0.81), 1.2 s here (one ``addcmul_`` straight from the network's buffer: 0.84).
+(``*= importance``) and the strided add into the image; here one ``addcmul_`` reads straight
+from the network's buffer, one pass instead of three (figures in docs/benchmarks.md).
 inference.py uses it on the CPU only; CUDA runs keep MONAI's function, with its separate window
 and output devices.
 """

@@ -46,7 +46,7 @@ def constant_value(window: torch.Tensor) -> Optional[Tuple[float, ...]]:
     sample = flat[:, ::SAMPLE_STEP]  # a window with anatomy differs within a sparse sample: no full pass
     if not bool(torch.equal(sample.amin(dim=1), sample.amax(dim=1))):
         return None
-    low, high = flat.amin(dim=1), flat.amax(dim=1)  # 0.45 ms per 2 x 96^3 window; torch.aminmax: 3.4 ms
+    low, high = flat.amin(dim=1), flat.amax(dim=1)  # separate passes: cheaper on the CPU than torch.aminmax
     if not bool(torch.equal(low, high)):
         return None
     return tuple(float(v) for v in low.tolist())

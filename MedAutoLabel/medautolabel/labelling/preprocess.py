@@ -220,9 +220,9 @@ def _separable_linear(src: np.ndarray, scale: np.ndarray, offset: np.ndarray, ou
     """``output[x] = src(scale * x + offset)``, linear, edges clamped: one 1-D pass per axis, in threads.
 
     Written by hand because scipy's ``affine_transform`` (even on its zoom/shift path) and
-    SimpleITK's ``Resample`` interpolate 8 neighbours per output voxel: onto the benchmark CT's
-    network grid (60 M voxels, 2 cores) they take 2.4 s and 1.8 s on two threads, this 1.2 s on
-    one, with the same values to float32 rounding. Axes that shrink go first, so the
+    SimpleITK's ``Resample`` interpolate 8 neighbours per output voxel, where three 1-D passes
+    read 2 per axis: less work for the same values to float32 rounding (figures in
+    docs/benchmarks.md). Axes that shrink go first, so the
     intermediate volumes stay small.
     """
     out = src

@@ -6,7 +6,7 @@ In order of preference (``MEDAUTOLABEL_CPU_RUNTIME`` = ``auto``, ``openvino``, `
 - ``openvino``: the network compiled by OpenVINO, cached on disk (openvino_graph.py);
 - ``torchscript-frozen``: ``torch.jit.trace`` + ``freeze`` + ``optimize_for_inference`` fold the
   weights into the graph and let oneDNN pre-pack the convolution weights once instead of at every
-  call (0.27 s against 0.39 s eagerly per 96^3 window of the built-in UNet on a 2-core AVX2 CPU);
+  call, which makes each window cheaper than the eager network (docs/benchmarks.md);
 - ``pytorch``: the network itself.
 
 Each compiled form is checked against the eager network on one random window before it is used;

@@ -51,8 +51,8 @@ def select_device(name: Union[str, torch.device] = "auto") -> torch.device:
 
 
 def cpu_has_native_bfloat16() -> bool:
-    """True when the CPU computes bfloat16 in hardware (x86 AVX512-BF16 or AMX), where it is about twice as
-    fast as float32 for 3D convolutions; elsewhere bfloat16 is emulated and slower."""
+    """True when the CPU computes bfloat16 in hardware (x86 AVX512-BF16 or AMX), where it is faster than
+    float32 for 3D convolutions; elsewhere bfloat16 is emulated and slower."""
     try:
         if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             return False

@@ -2,10 +2,10 @@
 
 Before conversion, on a copy of the network (``for_openvino``): OpenVINO's CPU plugin runs a
 GroupNormalization as Reshape -> MVN -> Reshape in the plain (channels-first) layout, so every
-normalisation between two convolutions costs two layout reorders of the whole activation (12 % of
-a SegResNet-8 window on a 2-core AVX2 CPU). Written with per-channel reductions instead
-(``ChannelStatsGroupNorm``), the activations stay in the convolutions' blocked layout: 0.59 s
-against 0.64 s per 96^3 SegResNet-8 window (measured).
+normalisation between two convolutions costs two layout reorders of the whole activation, a
+visible share of a SegResNet window. Written with per-channel reductions instead
+(``ChannelStatsGroupNorm``), the activations stay in the convolutions' blocked layout, which makes
+the window faster (figures in docs/benchmarks.md).
 
 After conversion, on the OpenVINO model (``rewrite_openvino_model``): small stride-2 transposed
 convolutions become a convolution + DepthToSpace. The compiled model is checked against the eager
@@ -81,8 +81,8 @@ def for_openvino(network: torch.nn.Module) -> torch.nn.Module:
 # y[2m] = w[1] x[m], y[2m+1] = w[2] x[m] + w[0] x[m+1]. So it equals a 2-tap convolution with one
 # output channel per phase and output channel, followed by DepthToSpace. (phase, tap) -> kernel index:
 _PHASE_TAP = {(0, 0): 1, (1, 0): 2, (1, 1): 0}
-# Rewritten only up to this many output channels: a 96^3 UNet window (last up layer 32 -> 4 channels)
-# takes 0.219 s instead of 0.224 s; with 16 outputs the 2-tap form is slower (measured).
+# Rewritten only up to this many output channels: with few outputs (the UNet's last up layer, 32 -> 4
+# channels) the 2-tap form is faster, with 16 it is slower (docs/benchmarks.md).
 SMALL_TRANSPOSED_OUTPUTS = 8
 
 

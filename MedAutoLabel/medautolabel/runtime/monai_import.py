@@ -2,8 +2,8 @@
 
 ``import monai`` imports every MONAI submodule, and with them, through ``optional_import``,
 pytorch-ignite (which pulls in torch.distributed's FSDP and tensor-parallel code), scipy.signal
-(for the ultrasound confidence map) and matplotlib.pyplot (for Jupyter plots): 5.1 s of a 7.4 s
-start on a 2-core CPU, 1.7 s without them (measured). Labelling, evaluating and training use none
+(for the ultrasound confidence map) and matplotlib.pyplot (for Jupyter plots): most of the
+command's start-up time (docs/benchmarks.md). Labelling, evaluating and training use none
 of them. ``import_lean`` hides those packages while MONAI is first imported, so MONAI records them
 as missing, exactly as on an installation without them, and un-hides them at once: a later
 ``import ignite`` works normally. Only MONAI's own engines, handlers and plots would then report

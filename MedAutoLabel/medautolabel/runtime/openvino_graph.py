@@ -1,13 +1,13 @@
 """A network compiled by OpenVINO for float32 inference on the CPU, its model cached on disk.
 
 OpenVINO fuses each convolution with the normalisation and activation after it, which oneDNN
-through PyTorch does not: on a 2-core AVX2 CPU a 96^3 window of the built-in UNet takes 0.22 s
-against 0.27 s for the frozen TorchScript graph (SegResNet-8: 0.57 s against 0.79 s, with the
-layer rewrites of graph_rewrites.py). Converting a network costs about 2 s (tracing and
-conversion), so the converted model is kept in the cache folder (``MEDAUTOLABEL_CACHE``, default
+through PyTorch does not, and that makes a window faster on the CPU than the frozen TorchScript
+graph (with the layer rewrites of graph_rewrites.py; figures in docs/benchmarks.md). Converting a
+network (tracing and conversion) costs far more than reading a converted one, so the converted
+model is kept in the cache folder (``MEDAUTOLABEL_CACHE``, default
 ``~/.cache/medautolabel``) under a key made of the network's class, structure, weights and window
-shape, the rewrites' version and the torch, MONAI and OpenVINO versions: a later run reads it in
-about 0.1 s. A model is checked against the eager network on one random window when it is built
+shape, the rewrites' version and the torch, MONAI and OpenVINO versions, where a later run reads
+it. A model is checked against the eager network on one random window when it is built
 (RELATIVE_TOLERANCE) and not cached when they disagree. The cache holds weights only, never image
 data.
 
@@ -44,9 +44,9 @@ log = logging.getLogger("medautolabel")
 
 CACHE_ENV = "MEDAUTOLABEL_CACHE"
 # |compiled - eager| <= this x (1 + the largest |eager| output). OpenVINO orders its sums differently
-# (blocked and Winograd convolutions): on the built-in UNet, whose logits reach 32, it differs from
-# eager PyTorch by up to 0.003 on two threads and 0.007 on one (measured). A wrongly converted
-# operation errs by the outputs' own scale.
+# (blocked and Winograd convolutions), so on the built-in UNet it differs from eager PyTorch by a
+# small fraction of this bound (docs/benchmarks.md). A wrongly converted operation errs by the
+# outputs' own scale.
 RELATIVE_TOLERANCE = 1e-3
 
 Shape = Tuple[int, ...]
@@ -111,7 +111,7 @@ def _convert(network: torch.nn.Module, example: torch.Tensor):
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings
         traced = torch.jit.trace(graph_rewrites.for_openvino(network.eval()), example, check_trace=False)
-        # a static input shape (the window's) lets the CPU plugin plan every layer: 4 % faster per window
+        # a static input shape (the window's) lets the CPU plugin plan every layer, which makes each window faster
         model = ov.convert_model(traced, example_input=example, input=[tuple(example.shape)])
     return graph_rewrites.rewrite_openvino_model(model)
 

@@ -37,7 +37,7 @@ class EvidenceMax(torch.nn.Module):
     """P(present) per sample: max over voxels of the Gaussian-smoothed sigmoid of one channel.
 
     Written by hand rather than with MONAI's GaussianFilter: on the CPU the backward pass of its
-    separable convolutions takes ~100x the forward (25 s for a 128^3 bag). The gradient of a
+    separable convolutions is far slower than the forward (docs/benchmarks.md). The gradient of a
     maximum flows only through the winning voxel, so the smoothed map is computed without
     gradients to find it, and the value there is recomputed differentiably as the kernel-weighted
     sum of its neighbourhood. Edges are handled as scipy's mode="nearest" (classify.py).
