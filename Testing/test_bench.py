@@ -134,3 +134,13 @@ def test_the_childs_peak_rss_is_its_own_not_its_parents():
     proc = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True, timeout=120)
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("MEDAUTOLABEL_BENCH_MAXRSS_KB")]
     assert 1_000 < int(line.split()[-1]) < 300_000  # a bare interpreter running `python -m platform`
+
+
+def test_a_new_report_keeps_the_hand_written_sections(tmp_path):
+    from bench import KEPT_MARKER, kept_sections
+
+    page = tmp_path / "benchmarks.md"
+    assert kept_sections(page) == ""  # no earlier page
+    page.write_text(f"# Benchmarks\nold numbers\n\n{KEPT_MARKER}\n\n## Training on a CPU\n50 s\n", encoding="utf-8")
+    kept = kept_sections(page)
+    assert kept.startswith("\n" + KEPT_MARKER) and "## Training on a CPU\n50 s\n" in kept and "old numbers" not in kept

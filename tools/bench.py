@@ -338,6 +338,19 @@ def precision_note(results: List[Dict[str, Any]]) -> str:
     return "- The network ran in " + ", ".join(precisions) + " eagerly, as in MONAI's runner."
 
 
+KEPT_MARKER = "<!-- written by hand below: make bench keeps what follows -->"
+
+
+def kept_sections(page: Path) -> str:
+    """The hand-written part of an earlier page (from ``KEPT_MARKER`` on), which a new report keeps."""
+    try:
+        old = page.read_text(encoding="utf-8")
+    except OSError:
+        return ""
+    at = old.find(KEPT_MARKER)
+    return "" if at < 0 else "\n" + old[at:]
+
+
 def training_running() -> bool:
     """True if a model-training process is running now (a stopped one, e.g. paused with SIGSTOP, is not)."""
     return any(is_running_training(proc) for proc in Path("/proc").glob("[0-9]*"))
@@ -384,7 +397,7 @@ def main(argv=None) -> int:
     text = report(results, training, shape)
     if a.smoke:
         text = text.replace("# Benchmarks", "# Benchmarks (smoke run: a small volume, one repetition)", 1)
-    a.out.write_text(text, encoding="utf-8")
+    a.out.write_text(text + kept_sections(a.out), encoding="utf-8")
     print(text)
     return 0
 
