@@ -269,7 +269,7 @@ def test_the_slicer_worker_sends_inert_messages(model_dir, tmp_path):
 
     stream = io.StringIO()
     handle({"id": 7, "image": str(tmp_path / f"scan{ESC_CLEAR}\n.nii.gz"), "output": str(tmp_path / "out"),
-            "model": str(model_dir), "device": "cpu"}, stream)
+            "model": str(model_dir), "options": {"device": "cpu"}}, stream)
     message = json.loads(stream.getvalue().splitlines()[-1])
     assert message["event"] == "error" and escaped(f"scan{ESC_CLEAR}\n.nii.gz") in message["message"], message
     assert printable(message["message"]) == message["message"]

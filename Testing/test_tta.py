@@ -8,7 +8,7 @@ import torch
 from thresholdmodel import sphere_image, write_threshold_model
 
 from medautolabel.catalog.modelcard import InferenceSpec
-from medautolabel.errors import InputError
+from medautolabel.errors import MedAutoLabelError
 from medautolabel.labelling.inference import sliding_window, tta_flips
 from medautolabel.labelling.pipeline import label_image
 
@@ -45,5 +45,5 @@ def test_tta_override_per_call_and_recorded(tmp_path):
     assert plain.provenance["test_time_augmentation"] == "none"
     assert flipped.provenance["test_time_augmentation"] == "flip"
     np.testing.assert_array_equal(plain.labelmap.array, flipped.labelmap.array)  # a threshold is flip-invariant
-    with pytest.raises(InputError, match="unknown test-time augmentation"):
+    with pytest.raises(MedAutoLabelError, match="unknown test-time augmentation"):
         label_image(image, str(model), device="cpu", tta="rotate")

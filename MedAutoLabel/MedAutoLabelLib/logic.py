@@ -87,10 +87,11 @@ class MedAutoLabelLogic(ScriptedLoadableModuleLogic):
                   lowConfidenceThreshold: Optional[float] = None) -> AutoLabelOutput:
         """Label a volume node synchronously (console, tests) and put the results into the scene."""
         from medautolabel.labelling.pipeline import label_image
+        from medautolabel.options import LabelOptions
 
+        options = LabelOptions(device=device, postprocess=postprocess, low_confidence_threshold=lowConfidenceThreshold)
         image = self.volumeToImage(inputVolumeNode)
-        result = label_image(image, model or DEFAULT_MODEL, device=device, progress=progress,
-                             postprocess=postprocess, low_confidence_threshold=lowConfidenceThreshold)
+        result = label_image(image, model or DEFAULT_MODEL, options, progress=progress)
         return self.applyResult(inputVolumeNode, result, outputSegmentationNode)
 
     def volumeToImage(self, volumeNode) -> Image:
@@ -127,9 +128,10 @@ class MedAutoLabelLogic(ScriptedLoadableModuleLogic):
                      overwrite: bool = False) -> List[Dict[str, Any]]:
         """Label files (or DICOM series folders) into ``outputDir`` exactly as ``medautolabel label`` does."""
         from medautolabel.labelling.batch import label_files
+        from medautolabel.options import LabelOptions
 
-        return label_files(list(inputPaths), outputDir, model=model or DEFAULT_MODEL, device=device, fmt=fmt,
-                           overwrite=overwrite)
+        return label_files(list(inputPaths), outputDir, model=model or DEFAULT_MODEL, options=LabelOptions(device=device),
+                           fmt=fmt, overwrite=overwrite)
 
     # --- training (the panel's Train section) -------------------------------------------------------
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Deque, Dict, List, Optional, Sequence
 
 from medautolabel.image import Image
+from medautolabel.options import LabelOptions, make_options
 from medautolabel.text import printable, printable_fields
 
 WORKER = Path(__file__).resolve().parent / "worker.py"
@@ -123,11 +124,18 @@ class BackgroundLabeller:
         self.run_id = 0
         self.running = False
 
-    def start(self, image: Image, model: str, device: str = "auto", postprocess: bool = True,
-              low_confidence: Optional[float] = None) -> int:
-        """Hand ``image`` to the worker (as an uncompressed NRRD in a private temporary folder); returns a run id."""
+    def start(self, image: Image, model: str, options: Optional[LabelOptions] = None,
+              low_confidence: Optional[float] = None, **changes: Any) -> int:
+        """Hand ``image`` to the worker (as an uncompressed NRRD in a private temporary folder); returns a run id.
+
+        ``options`` (keyword ``changes`` such as ``device="cpu"`` amend it; ``low_confidence`` is the
+        panel's name for ``low_confidence_threshold``) travel whole, as ``options.to_mapping()``.
+        """
         from medautolabel.io.images import write_image
 
+        if low_confidence is not None:
+            changes["low_confidence_threshold"] = low_confidence
+        options = make_options(options, **changes)  # a bad option fails here, before a worker starts
         if self.running:
             raise RuntimeError("a run is already in progress")
         if self.worker is None or not self.worker.alive():
@@ -137,8 +145,7 @@ class BackgroundLabeller:
         self.run_id += 1
         self.running = True
         self.worker.send({"id": self.run_id, "image": str(self.tmp / "input.nrrd"), "output": str(self.tmp),
-                          "model": model, "device": device, "postprocess": postprocess,
-                          "low_confidence": low_confidence, "modality": image.meta.get("modality")})
+                          "model": model, "options": options.to_mapping(), "modality": image.meta.get("modality")})
         return self.run_id
 
     def poll(self) -> List[Dict[str, Any]]:

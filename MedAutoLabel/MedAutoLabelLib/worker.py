@@ -1,11 +1,13 @@
 """The background worker: a Python process (Slicer's PythonSlicer) that labels images on request.
 
 Protocol, one JSON object per line. The worker prints ``{"event": "ready"}``, then for each request
-read from stdin ``{"id", "image", "output", "model", "device", "postprocess", "low_confidence",
-"modality"}`` it prints ``{"id", "event": "progress", "fraction", "stage"}`` lines and finally
-``{"id", "event": "done", "segmentation", "tags"}`` or ``{"id", "event": "error", "message",
-"details"}``. It stays alive for the next request, so the model is loaded once (the engine caches
-networks), and ends at end of input. Run as ``python worker.py`` with the module folder on sys.path.
+read from stdin ``{"id", "image", "output", "model", "options", "modality"}`` (``options`` is
+``LabelOptions.to_mapping()``) it prints ``{"id", "event": "progress", "fraction", "stage"}`` lines
+and finally ``{"id", "event": "done", "segmentation", "tags"}`` or ``{"id", "event": "error",
+"message", "details"}``. A request with a field the worker does not know, at the top or inside
+``options``, is answered with an error, never run with the field dropped. It stays alive for the
+next request, so the model is loaded once (the engine caches networks), and ends at end of input.
+Run as ``python worker.py`` with the module folder on sys.path.
 """
 
 from __future__ import annotations
@@ -14,7 +16,12 @@ import json
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Dict, TextIO
+from typing import TYPE_CHECKING, Any, Dict, TextIO
+
+if TYPE_CHECKING:
+    from medautolabel.options import LabelOptions
+
+REQUEST_FIELDS = ("id", "image", "output", "model", "options", "modality")
 
 
 def _send(stream: TextIO, message: Dict[str, Any]) -> None:
@@ -23,6 +30,17 @@ def _send(stream: TextIO, message: Dict[str, Any]) -> None:
 
     stream.write(json.dumps(printable_fields(message)) + "\n")
     stream.flush()
+
+
+def read_options(request: Dict[str, Any]) -> LabelOptions:
+    """The request's ``LabelOptions``, after refusing any field this worker does not know (one line)."""
+    from medautolabel.errors import MedAutoLabelError
+    from medautolabel.options import LabelOptions
+
+    unknown = sorted(str(k) for k in request if k not in REQUEST_FIELDS)
+    if unknown:
+        raise MedAutoLabelError(f"unknown request field(s): {', '.join(unknown)}")
+    return LabelOptions.from_mapping(request.get("options") or {})
 
 
 def handle(request: Dict[str, Any], out: TextIO) -> None:
@@ -34,6 +52,7 @@ def handle(request: Dict[str, Any], out: TextIO) -> None:
 
     rid = request.get("id")
     try:
+        options = read_options(request)
         image = read_image(request["image"])
         if request.get("modality"):
             image.meta["modality"] = request["modality"]
@@ -41,9 +60,7 @@ def handle(request: Dict[str, Any], out: TextIO) -> None:
         def progress(fraction: float, stage: str) -> None:
             _send(out, {"id": rid, "event": "progress", "fraction": round(float(fraction), 4), "stage": stage})
 
-        result = label_image(image, request["model"], device=request.get("device", "auto"), progress=progress,
-                             postprocess=bool(request.get("postprocess", True)),
-                             low_confidence_threshold=request.get("low_confidence"))
+        result = label_image(image, request["model"], options, progress=progress)
         seg, tags = write_result(result, Path(request["output"]), "result", "seg.nrrd")
         _send(out, {"id": rid, "event": "done", "segmentation": str(seg), "tags": str(tags)})
     except MedAutoLabelError as e:

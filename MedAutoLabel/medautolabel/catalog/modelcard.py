@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from medautolabel.errors import ModelError
 from medautolabel.limits import MAX_CHANNELS, MAX_JSON_DEPTH, exceeds_memory, json_depth_exceeds, memory_problem, voxel_count
+from medautolabel.options import TTA_MODES
 from medautolabel.result import Code, Terminology
 
 FORMAT = "medautolabel-model/1"
@@ -56,8 +57,6 @@ class NetworkSpec:
     weights: str  # file name relative to the model folder
     sha256: Optional[str] = None
 
-
-TTA_MODES = ("none", "flip", "flip-all")
 
 
 @dataclass

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from medautolabel.cli.parsing import positive_int
+from medautolabel.options import LabelOptions
 from medautolabel.text import printable
 
 
@@ -16,6 +17,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     from medautolabel.labelling.cluster_batch import SUMMARY, find_cases, run_batch
 
+    options = LabelOptions(device=args.device, trust=args.trust)
     cases = find_cases(args.input_dir, exclude=args.output)
     bar = tqdm(total=len(cases), desc="cases", unit="case", disable=True if args.quiet else None)
 
@@ -25,8 +27,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
             tqdm.write(f"medautolabel: error: {printable(record['message'])}", file=sys.stderr)
 
     try:
-        records = run_batch(cases, args.output, model=args.model, device=args.device, fmt=args.format,
-                            workers=args.workers, scheduler=args.scheduler, on_done=on_done, trust=args.trust)
+        records = run_batch(cases, args.output, model=args.model, options=options, fmt=args.format,
+                            workers=args.workers, scheduler=args.scheduler, on_done=on_done)
     finally:
         bar.close()
     counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "skipped", "error")}

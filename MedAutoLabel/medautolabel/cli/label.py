@@ -8,6 +8,7 @@ from pathlib import Path
 
 from medautolabel.cli.parsing import probability
 from medautolabel.cli.progress import CaseBars, say
+from medautolabel.options import LabelOptions
 from medautolabel.text import printable
 
 LABEL_EPILOG = """examples:
@@ -33,13 +34,13 @@ def cmd_label(args: argparse.Namespace) -> int:
     """Label every input; one line per input, status 2 when any failed."""
     from medautolabel.labelling.batch import case_stem, label_files
 
+    options = LabelOptions(device=args.device, precision=args.precision, tta=args.tta,
+                           postprocess=not args.no_postprocess, low_confidence_threshold=args.low_confidence,
+                           trust=args.trust)
     bars = CaseBars([case_stem(p) for p in args.inputs], args.quiet)
     try:
-        records = label_files(args.inputs, args.output, model=args.model, device=args.device, fmt=args.format,
-                              overwrite=args.overwrite, postprocess=not args.no_postprocess,
-                              low_confidence_threshold=args.low_confidence, progress=bars,
-                              fail_fast=args.fail_fast, trust=args.trust, tta=args.tta,
-                              precision=args.precision)
+        records = label_files(args.inputs, args.output, model=args.model, options=options, fmt=args.format,
+                              overwrite=args.overwrite, progress=bars, fail_fast=args.fail_fast)
     finally:
         bars.close()
     failed = 0

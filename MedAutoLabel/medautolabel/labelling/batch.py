@@ -19,6 +19,7 @@ from medautolabel.catalog.registry import resolve_model
 from medautolabel.errors import Cancelled, InputError, MedAutoLabelError
 from medautolabel.io.outputs import output_paths, write_result
 from medautolabel.io.ownership import check_replaceable
+from medautolabel.options import LabelOptions, make_options
 
 PathLike = Union[str, Path]
 # progress(case_index, case_count, fraction_of_this_case, stage)
@@ -65,25 +66,26 @@ def check_outputs(inputs: Sequence[PathLike], out_dir: PathLike, fmt: str) -> Li
 
 
 def label_files(inputs: Sequence[PathLike], out_dir: PathLike, model: Union[str, Path, ModelCard] = "vessel-nerve-cta",
-                device: str = "auto", fmt: str = "seg.nrrd", overwrite: bool = False,
-                postprocess: bool = True, low_confidence_threshold: Optional[float] = None,
+                options: Optional[LabelOptions] = None, fmt: str = "seg.nrrd", overwrite: bool = False,
                 progress: Optional[BatchProgress] = None, fail_fast: bool = False,
-                cancel: Optional[Callable[[], bool]] = None, trust: bool = False,
-                tta: Optional[str] = None, precision: str = "auto") -> List[Dict[str, Any]]:
+                cancel: Optional[Callable[[], bool]] = None, **changes: Any) -> List[Dict[str, Any]]:
     """Label every input; return one record per input (input, stem, status, message, seconds, outputs, result facts).
 
-    ``status`` is "ok", "skipped" (outputs already there) or "error" (``message`` says why). The model
-    is resolved once and its network stays cached between cases. ``model`` may also be a MONAI
-    bundle folder, run only when ``trust`` (or listed as trusted, see bundle.py). ``fail_fast``
-    re-raises the first error; ``Cancelled`` always propagates. An output that would replace an
-    input or a file medautolabel did not write raises ``MedAutoLabelError`` before any work.
+    ``options`` (a ``LabelOptions``; keyword ``changes`` such as ``device="cpu"`` amend it, as for
+    ``label_image``) go unchanged to every case. ``status`` is "ok", "skipped" (outputs already
+    there) or "error" (``message`` says why). The model is resolved once and its network stays
+    cached between cases. ``model`` may also be a MONAI bundle folder, run only when
+    ``options.trust`` (or listed as trusted, see bundle.py). ``fail_fast`` re-raises the first error;
+    ``Cancelled`` always propagates. An output that would replace an input or a file medautolabel
+    did not write raises ``MedAutoLabelError`` before any work.
     """
+    options = make_options(options, **changes)
     from medautolabel.catalog.bundle import is_bundle
     from medautolabel.io.images import read_image  # SimpleITK import deferred: `medautolabel --help` stays fast
     from medautolabel.labelling.bundle_runner import BundleModel
     from medautolabel.labelling.pipeline import label_image
 
-    bundle = BundleModel(model, device=device, trust=trust) if not isinstance(model, ModelCard) and \
+    bundle = BundleModel(model, device=options.device, trust=options.trust) if not isinstance(model, ModelCard) and \
         is_bundle(Path(str(model)).expanduser()) else None
     card = None if bundle else resolve_model(model)
     planned = check_outputs(inputs, out_dir, fmt)
@@ -118,9 +120,7 @@ def label_files(inputs: Sequence[PathLike], out_dir: PathLike, model: Union[str,
                 if bundle is not None:
                     result = bundle.label(image, progress=case_progress)
                 else:
-                    result = label_image(image, card, device=device, progress=case_progress, cancel=cancel,
-                                         postprocess=postprocess, low_confidence_threshold=low_confidence_threshold,
-                                         tta=tta, precision=precision)
+                    result = label_image(image, card, options, progress=case_progress, cancel=cancel)
                 del image
                 write_result(result, out_dir, stem, fmt)
                 record["facts"] = result.facts()

@@ -20,13 +20,14 @@ import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from medautolabel.errors import InputError, MedAutoLabelError
 from medautolabel.io.atomic import atomic_output, leftover_temps, make_folder
 from medautolabel.io.outputs import output_paths
 from medautolabel.io.ownership import check_replaceable, file_id, is_ours
 from medautolabel.labelling.batch import case_stem, check_outputs
+from medautolabel.options import LabelOptions, make_options
 from medautolabel.text import printable, printable_fields
 
 PathLike = Union[str, Path]
@@ -81,16 +82,20 @@ def remove_temps(case: Path, out_dir: Path, fmt: str) -> None:
             temp.unlink(missing_ok=True)
 
 
-def label_case(path: str, out_dir: str, model: str, device: str, fmt: str, threads: int,
-               trust: bool = False) -> Dict[str, Any]:
-    """Label one case on a worker: the task Dask runs (also callable directly); ``trust`` runs a bundle."""
+def label_case(path: str, out_dir: str, model: str, options: Mapping[str, Any], fmt: str,
+               threads: int) -> Dict[str, Any]:
+    """Label one case on a worker: the task Dask runs (also callable directly).
+
+    ``options`` is ``LabelOptions.to_mapping()``: plain data travels to any worker, and a field the
+    worker's medautolabel does not know fails the case instead of being dropped.
+    """
     import torch
 
     from medautolabel.labelling.batch import label_files
 
     if threads > 0 and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    record = label_files([path], out_dir, model=model, device=device, fmt=fmt, trust=trust)[0]
+    record = label_files([path], out_dir, model=model, options=LabelOptions.from_mapping(options), fmt=fmt)[0]
     try:
         from distributed import get_worker
 
@@ -100,14 +105,14 @@ def label_case(path: str, out_dir: str, model: str, device: str, fmt: str, threa
     return record
 
 
-def check_model(model_ref: str, device: str = "auto", trust: bool = False) -> None:
+def check_model(model_ref: str, options: LabelOptions) -> None:
     """Fail now, in one line, on a model the workers could not run: unknown, broken, or an untrusted bundle."""
     from medautolabel.catalog.bundle import is_bundle
     from medautolabel.catalog.registry import resolve_model
     from medautolabel.labelling.bundle_runner import BundleModel
 
     if is_bundle(Path(model_ref)):
-        BundleModel(model_ref, device=device, trust=trust)
+        BundleModel(model_ref, device=options.device, trust=options.trust)
     else:
         resolve_model(model_ref)
 
@@ -153,23 +158,25 @@ def _client(workers: int, scheduler: Optional[str]):
     return Client(cluster), cluster
 
 
-def run_batch(cases: Sequence[PathLike], out_dir: PathLike, model: str = "vessel-nerve-cta", device: str = "auto",
-              fmt: str = "seg.nrrd", workers: int = 1, scheduler: Optional[str] = None,
-              threads_per_worker: Optional[int] = None,
+def run_batch(cases: Sequence[PathLike], out_dir: PathLike, model: str = "vessel-nerve-cta",
+              options: Optional[LabelOptions] = None, fmt: str = "seg.nrrd", workers: int = 1,
+              scheduler: Optional[str] = None, threads_per_worker: Optional[int] = None,
               on_done: Optional[Callable[[Dict[str, Any], int, int], None]] = None,
-              trust: bool = False) -> List[Dict[str, Any]]:
+              **changes: Any) -> List[Dict[str, Any]]:
     """Label ``cases`` into ``out_dir`` on Dask; write ``out_dir/summary.csv``; return one record per case.
 
-    ``model`` is a model id, a model folder or a MONAI bundle folder (run only when ``trust``, as
-    ``label --trust`` does). Outputs that are inputs or files medautolabel did not write are
+    ``options`` (keyword ``changes`` such as ``device="cpu"`` amend it) go to every case as data.
+    ``model`` is a model id, a model folder or a MONAI bundle folder (run only when ``options.trust``,
+    as ``label --trust`` does). Outputs that are inputs or files medautolabel did not write are
     refused before anything runs.
     """
+    options = make_options(options, **changes)
     out = Path(out_dir)
     paths = [Path(c) for c in cases]
     check_outputs(paths, out, fmt)
     check_replaceable([out / SUMMARY], paths, overwrite=True)
     model_ref = str(Path(model).resolve()) if Path(model).exists() else str(model)  # workers may run elsewhere
-    check_model(model_ref, device, trust)  # a bad model fails here, once, before any cluster starts
+    check_model(model_ref, options)  # a bad model fails here, once, before any cluster starts
     make_folder(out)
     threads = threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, workers))
 
@@ -188,7 +195,7 @@ def run_batch(cases: Sequence[PathLike], out_dir: PathLike, model: str = "vessel
         from distributed import as_completed
 
         try:
-            futures = {client.submit(label_case, str(p), str(out), model_ref, device, fmt, threads, trust,
+            futures = {client.submit(label_case, str(p), str(out), model_ref, options.to_mapping(), fmt, threads,
                                      pure=False): p for p in todo}
             for future in as_completed(futures):
                 p = futures[future]

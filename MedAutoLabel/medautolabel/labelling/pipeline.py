@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Union
 
 from medautolabel import __version__
-from medautolabel.catalog.modelcard import TTA_MODES, ModelCard
+from medautolabel.catalog.modelcard import ModelCard
 from medautolabel.catalog.registry import resolve_model
 from medautolabel.errors import Cancelled, InputError
 from medautolabel.image import Image
@@ -19,6 +19,7 @@ from medautolabel.labelling.classify import classify
 from medautolabel.labelling.inference import infer
 from medautolabel.labelling.postprocess import postprocess as postprocess_output
 from medautolabel.labelling.preprocess import preprocess, repair_non_finite
+from medautolabel.options import LabelOptions, make_options
 from medautolabel.result import Result
 from medautolabel.runtime.device import resolve_precision, select_device
 from medautolabel.runtime.network import file_sha256, load_network
@@ -81,22 +82,22 @@ class _Progress:
             self.callback(value, stage)
 
 
-def label_image(image: Image, model: Union[str, Path, ModelCard], device: str = "auto",
+def label_image(image: Image, model: Union[str, Path, ModelCard], options: Optional[LabelOptions] = None,
                 progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
-                postprocess: bool = True, low_confidence_threshold: Optional[float] = None,
-                warn: Optional[Callable[[str], None]] = None, tta: Optional[str] = None,
-                precision: str = "auto") -> Result:
-    """Label ``image`` with ``model`` (a ModelCard, model id or model folder).
+                warn: Optional[Callable[[str], None]] = None, **changes: Any) -> Result:
+    """Label ``image`` with ``model`` (a ModelCard, model id or model folder) as ``options`` say.
 
+    ``options`` (a ``LabelOptions``, default: all defaults) may be changed for this call by keyword
+    (``device="cpu"``, ``tta="flip"``, ``precision="float32"``, ``postprocess=False``,
+    ``low_confidence_threshold=0.9``), so that callers passing single options keep working.
     ``progress(fraction, stage)`` gets 0..1; ``cancel()`` returning True stops the run within one
-    window batch with ``Cancelled``; ``postprocess=False`` skips the per-label clean-up;
-    ``warn(message)`` hears about fallbacks (default: the "medautolabel" logger); ``tta``
-    overrides the card's test-time augmentation ("none", "flip", "flip-all"); ``precision`` is the
-    network's ("auto": float16 on CUDA, bfloat16 on CPUs with native bfloat16, else float32).
-    A segmentation given as the image and a mostly non-finite image are refused; a few non-finite
-    voxels are repaired first. ``provenance["input_repairs"]`` lists what was done to the input
-    (non-finite voxels replaced, DICOM slices interpolated), so that no repair goes unrecorded.
+    window batch with ``Cancelled``; ``warn(message)`` hears about fallbacks (default: the
+    "medautolabel" logger). A segmentation given as the image and a mostly non-finite image are
+    refused; a few non-finite voxels are repaired first. ``provenance["input_repairs"]`` lists what
+    was done to the input (non-finite voxels replaced, DICOM slices interpolated), so that no repair
+    goes unrecorded.
     """
+    options = make_options(options, **changes)
     t_start = time.perf_counter()
     timings: Dict[str, float] = {}
     report = _Progress(progress)
@@ -115,13 +116,11 @@ def label_image(image: Image, model: Union[str, Path, ModelCard], device: str = 
     image, repairs = repair_non_finite(image)
     report("loading model", 0.0)
     card = resolve_model(model)
-    if tta is not None and tta != card.inference.tta:
-        if tta not in TTA_MODES:
-            raise InputError(f"unknown test-time augmentation {tta!r}: use one of {', '.join(TTA_MODES)}")
-        card = dataclasses.replace(card, inference=dataclasses.replace(card.inference, tta=tta))
+    if options.tta is not None and options.tta != card.inference.tta:
+        card = dataclasses.replace(card, inference=dataclasses.replace(card.inference, tta=options.tta))
     check_modality(image, card)
-    dev = select_device(device)
-    resolve_precision(dev, precision)  # an unknown or impossible precision fails before any work
+    dev = select_device(options.device)
+    resolve_precision(dev, options.precision)  # an unknown or impossible precision fails before any work
     network = load_network(card, dev)
     sha = file_sha256(card.weights_path)
     t = timed("load_model", t_start)
@@ -136,16 +135,17 @@ def label_image(image: Image, model: Union[str, Path, ModelCard], device: str = 
     window_stats: Dict[str, Any] = {}
     logits, used, used_precision = infer(network, prepared.tensor, card.inference, dev,
                                          progress=lambda f: report("inference", f), cancel=cancel, warn=warn,
-                                         load_on=lambda d: load_network(card, d), precision=precision,
+                                         load_on=lambda d: load_network(card, d), precision=options.precision,
                                          optimise=True, stats=window_stats)
     t = timed("inference", t)
     prepared.tensor = prepared.tensor.new_empty(0)  # free the input tensor: only its geometry is needed now
     check_cancel()
 
     report("postprocessing", 0.0)
-    classes = classify(logits, prepared, card, low_confidence_threshold)  # before postprocess edits logits
+    classes = classify(logits, prepared, card, options.low_confidence_threshold)  # before postprocess edits logits
     t = timed("classify", t)
-    labelmap, segments = postprocess_output(logits, prepared, card, postprocess, low_confidence_threshold)
+    labelmap, segments = postprocess_output(logits, prepared, card, options.postprocess,
+                                          options.low_confidence_threshold)
     del logits
     t = timed("postprocess", t)
     timings["total"] = round(t - t_start, 4)
@@ -161,10 +161,10 @@ def label_image(image: Image, model: Union[str, Path, ModelCard], device: str = 
         "windows": {"computed": window_stats["windows"] - window_stats["windows_reused"],
                     "reused_constant": window_stats["windows_reused"]},
         "input_repairs": list(image.meta.get("input_repairs", [])) + repairs,
-        "postprocessing": bool(postprocess),
+        "postprocessing": options.postprocess,
         "test_time_augmentation": card.inference.tta,
-        "low_confidence_threshold": (card.low_confidence_threshold if low_confidence_threshold is None
-                                     else low_confidence_threshold),
+        "low_confidence_threshold": (card.low_confidence_threshold if options.low_confidence_threshold is None
+                                     else options.low_confidence_threshold),
         "network_grid": {"shape_kji": list(prepared.net_shape),
                          "spacing_mm": [round(float(s), 6) for s in prepared.net_spacing],
                          "crop_kji": [[s.start, s.stop] for s in prepared.crop]},

@@ -15,9 +15,7 @@ from typing import Any, ContextManager, Dict, Iterator, Optional, Union
 import torch
 
 from medautolabel.errors import MedAutoLabelError
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+from medautolabel.options import DEVICES, PRECISIONS
 
 
 class DeviceError(MedAutoLabelError):
