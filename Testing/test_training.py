@@ -25,6 +25,7 @@ import torch
 
 from medautolabel.catalog.modelcard import ModelCard
 from medautolabel.errors import MedAutoLabelError
+from medautolabel.evaluation.metrics import dice
 from medautolabel.training import cache as cache_module
 from medautolabel.training.config import ConfigError, load_config
 from medautolabel.training.data import load_dataset, read_image, split
@@ -78,10 +79,6 @@ def write_spheres(root: Path, n: int, seed: int = 0, size: int = 24, spacing: fl
         "name": "spheres", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "vessel", "2": "nerve"},
         "classes": {"finding": ["absent", "present"]}, "training": training}))
     return root
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
 
 
 def last_weights_hash(model_dir: Path) -> str:
