@@ -185,6 +185,7 @@ def _save(model, folder: Path) -> None:
     tmp: Optional[Path] = None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
+        # a folder written whole: atomic_output handles files, so the entry is a temp folder renamed into place
         tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, suffix="-" + folder.name, dir=str(folder.parent)))
         ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
         os.replace(tmp, folder)
