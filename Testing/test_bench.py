@@ -46,7 +46,7 @@ def test_report_gives_medians_ranges_and_ratios():
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 def test_a_paused_training_job_does_not_count_as_running():
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "builtin_recipe"])
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "medautolabel", "train"])
     try:
         me = Path(f"/proc/{proc.pid}")
         time.sleep(0.3)

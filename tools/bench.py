@@ -347,7 +347,7 @@ def is_running_training(proc: Path) -> bool:
         state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return False
-    return (b"builtin_recipe" in cmd or b"medautolabel train" in cmd) and state not in ("T", "t", "Z", "X")
+    return b"medautolabel train" in cmd and state not in ("T", "t", "Z", "X")
 
 
 def main(argv=None) -> int:
