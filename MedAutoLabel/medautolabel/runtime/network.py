@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import threading
 import warnings
@@ -161,9 +160,3 @@ def _unwrap_state_dict(obj: Any, path: Union[str, Path]) -> Dict[str, torch.Tens
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return (text[:200] + "...") if len(text) > 200 else (text or type(e).__name__)
-
-
-def weights_info(card: ModelCard) -> Dict[str, Any]:
-    """Provenance facts about the weights file: name, size and sha256."""
-    path = card.weights_path
-    return {"file": os.path.basename(path), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
