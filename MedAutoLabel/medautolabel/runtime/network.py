@@ -85,7 +85,7 @@ def load_network(card: ModelCard, device: torch.device) -> torch.nn.Module:
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
-    net = _load_uncached(card, path, device)
+    net = load_uncached(card, path, device)
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)
@@ -102,7 +102,8 @@ def clear_cache() -> None:
         _cache.clear()
 
 
-def _load_uncached(card: ModelCard, path: Path, device: torch.device) -> torch.nn.Module:
+def load_uncached(card: ModelCard, path: Path, device: torch.device) -> torch.nn.Module:
+    """The card's network with the weights at ``path`` on ``device``, built afresh (the caller caches it)."""
     if card.network.architecture == "TorchScript" or is_torchscript(path):
         if not is_torchscript(path):
             raise ModelError("the model card says TorchScript but the weights file is not a TorchScript archive",

@@ -380,7 +380,7 @@ def _train(data, model_dir: Path, config, base, dev: torch.device, overrides, re
         if dist.main and sys.stderr.isatty():
             from tqdm import tqdm
 
-            bar = tqdm(total=its, desc=_bar_text(epoch, cfg.epochs, estimate), leave=False, unit="it",
+            bar = tqdm(total=its, desc=bar_text(epoch, cfg.epochs, estimate), leave=False, unit="it",
                        file=sys.stderr)
         batches = _batches(sampler, cfg, epoch_seed)
         for it in range(cfg.iterations_per_epoch):
@@ -422,7 +422,7 @@ def _train(data, model_dir: Path, config, base, dev: torch.device, overrides, re
                 told = True
                 say(estimate.line(cfg.epochs - start_epoch))
                 if bar is not None:
-                    bar.set_description(_bar_text(epoch, cfg.epochs, estimate))
+                    bar.set_description(bar_text(epoch, cfg.epochs, estimate))
             sums["loss"] += float(loss_seg.detach()) + loss_cls
             sums["seg_loss"] += float(loss_seg.detach())
             sums["cls_loss"] += loss_cls
@@ -499,7 +499,7 @@ def _train(data, model_dir: Path, config, base, dev: torch.device, overrides, re
     return TrainResult(model_dir, epochs_run, best_epoch, best_metrics, seconds, stopped, history)
 
 
-def _bar_text(epoch: int, epochs: int, estimate: Estimate) -> str:
+def bar_text(epoch: int, epochs: int, estimate: Estimate) -> str:
     """The progress bar's label: the epoch, and the estimated time per epoch once known."""
     per = estimate.epoch_seconds() if estimate.ready() or estimate.validation is not None else None
     return f"epoch {epoch + 1}/{epochs}" + (f" (~{minutes(per)}/epoch)" if per else "")
