@@ -116,7 +116,7 @@ def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 def test_a_paused_training_job_does_not_count_as_running():
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "builtin_recipe"])
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "medautolabel", "train"])
     try:
         me = Path(f"/proc/{proc.pid}")
         assert wait_until(lambda: is_running_training(me)) and training_running()

@@ -10,16 +10,13 @@ import numpy as np
 import pytest
 
 from medautolabel.catalog.registry import resolve_model
+from medautolabel.evaluation.metrics import dice
 from medautolabel.labelling.pipeline import label_image
 from medautolabel.runtime.network import file_sha256
 from medautolabel.synthetic.phantoms import HELD_OUT_SEEDS, make_phantom
 
 SEEDS = [HELD_OUT_SEEDS.start + 900 + n for n in range(3)]  # fixed before looking at their scores
 VESSEL_FLOOR, NERVE_FLOOR = 0.6, 0.55  # mean over the three; see docs/builtin-model.md for the real figures
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * float((a & b).sum()) / max(1, int(a.sum()) + int(b.sum()))
 
 
 @pytest.fixture(scope="module")

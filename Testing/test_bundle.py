@@ -11,6 +11,7 @@ import pytest
 
 from medautolabel.catalog.bundle import bundle_sha256
 from medautolabel.cli.app import main
+from medautolabel.evaluation.metrics import dice
 from medautolabel.image import make_ijk_to_ras
 from medautolabel.io.images import read_image, write_image
 from medautolabel.labelling.bundle_runner import BundleModel
@@ -18,10 +19,6 @@ from medautolabel.labelling.pipeline import label_image
 from medautolabel.synthetic.phantoms import render, training_grid
 
 pytest.importorskip("ignite", reason="MONAI's bundle runner needs pytorch-ignite")
-
-
-def dice(a, b) -> float:
-    return 2.0 * float((a & b).sum()) / max(1, int(a.sum()) + int(b.sum()))
 
 
 @pytest.fixture(scope="module")

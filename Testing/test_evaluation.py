@@ -14,6 +14,7 @@ from cardfactory import ras_coords
 from medautolabel.cli.app import main
 from medautolabel.errors import InputError
 from medautolabel.evaluation import classification_metrics, evaluate_labelmaps
+from medautolabel.evaluation.metrics import dice, roc_auc
 from medautolabel.image import Image, make_ijk_to_ras
 from medautolabel.io.images import write_image
 
@@ -110,6 +111,22 @@ def test_grids_that_do_not_overlap_are_refused():
         from medautolabel.evaluation.align import to_reference_grid
 
         to_reference_grid(Image(ref.array, far), ref, "pred.nii.gz")
+
+
+def test_dice_counts_and_its_one_rule_for_empty_masks():
+    a = np.zeros((4, 5), dtype=bool)
+    b = a.copy()
+    assert dice(a, b) == 1.0  # both empty: perfect agreement
+    a[0, :3] = True  # 3 voxels
+    assert dice(a, b) == 0.0 and dice(b, a) == 0.0  # one empty
+    b[0, 1:5] = True  # 4 voxels, 2 shared
+    assert dice(a, b) == pytest.approx(2 * 2 / 7)
+    assert dice(a.astype(np.uint8) * 3, b) == dice(a, b)  # any non-zero value is inside
+
+
+def test_roc_auc_is_nan_with_one_class_only():
+    assert math.isnan(roc_auc([True, True], [0.2, 0.9])) and math.isnan(roc_auc([False], [0.1]))
+    assert roc_auc([False, True, False, True], [0.1, 0.8, 0.9, 0.95]) == pytest.approx(3 / 4)
 
 
 def test_classification_metrics_on_a_hand_made_example():

@@ -64,7 +64,7 @@ def test_the_converted_graph_has_no_group_normalization_and_agrees(tmp_path, mon
     monkeypatch.setenv(openvino_graph.CACHE_ENV, str(tmp_path))
     net, shape = _segresnet(), (1, 1, 16, 16, 16)
     example = torch.rand(shape, generator=torch.Generator().manual_seed(3))
-    ops = {op.get_type_name() for op in openvino_graph._convert(net, example).get_ordered_ops()}
+    ops = {op.get_type_name() for op in openvino_graph.convert_network(net, example).get_ordered_ops()}
     assert "Convolution" in ops and "GroupNormalization" not in ops
     compiled = openvino_graph.compiled_for_cpu(net, shape, threads=1)
     with torch.no_grad():

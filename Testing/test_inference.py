@@ -179,7 +179,7 @@ def test_compiled_cpu_network_matches_the_eager_network_and_is_reused(monkeypatc
     expected = sliding_window(net, x, spec, CPU)
     stats = {}
     got = sliding_window(net, x, spec, CPU, optimise=True, precision="float32", stats=stats)
-    graph, name = cpu_graph.frozen_for_cpu(net, (1, 1, 16, 16, 16))  # the runner sliding_window built and kept
+    graph, name = cpu_graph.compiled_graphs[net][(1, 1, 16, 16, 16, runtime)]
     assert isinstance(graph, kind or CompiledNetwork)
     assert stats["network_runtime"] == name == ("torchscript-frozen" if runtime == "torchscript" else "openvino")
     # OpenVINO fuses and reorders the arithmetic: equal to a few 1e-4 on these unit-scale outputs

@@ -51,7 +51,7 @@ def test_the_cache_is_read_instead_of_converting_again(cache, monkeypatch):
     def no_conversion(*args):
         raise AssertionError("converted again although cached")
 
-    monkeypatch.setattr(openvino_graph, "_convert", no_conversion)
+    monkeypatch.setattr(openvino_graph, "convert_network", no_conversion)
     same_weights = _net()  # another object, same structure and weights: same key
     compiled = openvino_graph.compiled_for_cpu(same_weights, SHAPE, threads=1)
     with torch.no_grad():

@@ -35,7 +35,7 @@ class PrecisionProbe(torch.nn.Module):
 @pytest.fixture()
 def worst_defaults():
     """oneDNN told to compute float32 in bfloat16, cuDNN in TF32: what an AMX machine's settings could be."""
-    backends = device._fp32_backends()
+    backends = device.fp32_backends()
     if not backends:
         pytest.skip("this torch has no per-backend float32 precision settings")
     saved = {n: b.fp32_precision for n, b in backends.items()}

@@ -180,7 +180,7 @@ def test_resample_in_parallel_slabs_equals_one_pass(monkeypatch, rotated):
     _, dst_m = grid("oblique-anisotropic") if rotated else (None, np.diag([0.5, 0.5, 0.6, 1.0]))
     dst_m = dst_m.copy()
     dst_shape = (150, 200, 205)  # 6.15 M voxels: three slabs on three threads
-    monkeypatch.setattr(pre, "_threads", lambda: 3)
+    monkeypatch.setattr(pre, "worker_threads", lambda: 3)
     calls = []
     real = ndimage.affine_transform
     monkeypatch.setattr(pre.ndimage, "affine_transform", lambda *a, **k: calls.append(k["output"].shape) or real(*a, **k))
@@ -201,7 +201,7 @@ def test_separable_linear_equals_scipy_on_flipped_permuted_shifted_grids(monkeyp
 
     from medautolabel.labelling import preprocess as pre
 
-    monkeypatch.setattr(pre, "_threads", lambda: threads)
+    monkeypatch.setattr(pre, "worker_threads", lambda: threads)
     rng = np.random.default_rng(threads)
     src = rng.integers(-1000, 2000, size=(9, 1, 23)).astype(np.int16)  # HU as read, one row in j
     src_m = np.array([[0, 0, -0.7, 5.0], [0.9, 0, 0, -3.0], [0, 2.5, 0, 1.0], [0, 0, 0, 1.0]])  # permuted, flipped

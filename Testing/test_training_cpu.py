@@ -15,7 +15,7 @@ from test_training import TINY, write_spheres
 
 from medautolabel.catalog.modelcard import ModelCard
 from medautolabel.training.config import ConfigError, apply_overrides, device_defaults, load_config
-from medautolabel.training.loop import Estimate, _bar_text, minutes, train
+from medautolabel.training.loop import Estimate, bar_text, minutes, train
 
 
 def tiny_without(*keys: str) -> dict:
@@ -99,12 +99,12 @@ def test_estimate_counts_steps_and_bags_apart_and_leaves_out_the_first_iteration
 def test_the_progress_bar_shows_the_estimate_per_epoch_once_known():
     est = Estimate(iterations=20, bag_steps=0, validation_interval=1)
     est.add(9.0, None)
-    assert _bar_text(0, 2, est) == "epoch 1/2"  # the first iteration alone is no estimate
+    assert bar_text(0, 2, est) == "epoch 1/2"  # the first iteration alone is no estimate
     for _ in range(Estimate.ESTIMATE_AFTER):
         est.add(3.0, None)
-    assert _bar_text(0, 2, est) == "epoch 1/2 (~1.0 min/epoch)"
+    assert bar_text(0, 2, est) == "epoch 1/2 (~1.0 min/epoch)"
     est.validation = 6.0
-    assert _bar_text(1, 2, est) == "epoch 2/2 (~1.1 min/epoch)"
+    assert bar_text(1, 2, est) == "epoch 2/2 (~1.1 min/epoch)"
 
 
 @pytest.mark.parametrize("seconds, text", [(24, "0.4 min"), (90, "1.5 min"), (600, "10 min"), (3000, "50 min"),

@@ -108,13 +108,9 @@ def _run(args: List[str], env: Dict[str, str]) -> Dict[str, float]:
     return {"seconds": seconds, "peak_rss_mb": int(rss[-1]) / 1024 if rss else float("nan")}
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * float((a & b).sum()) / total
-
-
 def bench_case(name: str, model_dir: str, work: Path, image: Path, repetitions: int) -> Dict[str, Any]:
     from medautolabel.catalog.bundle_export import export_bundle
+    from medautolabel.evaluation.metrics import dice
     from medautolabel.io.images import read_image
     from medautolabel.io.segnrrd import read_seg_nrrd
 
@@ -148,8 +144,8 @@ def bench_case(name: str, model_dir: str, work: Path, image: Path, repetitions: 
     body = np.zeros(theirs.shape, bool)  # the part of the image medautolabel labelled: the body, no table or air
     body[tuple(slice(*c) for c in tags["provenance"]["network_grid"]["crop_kji"])] = True
     return {"case": name, "runs": runs,
-            "dice": {s.name: _dice(theirs == s.label_value, ours.array == s.label_value) for s in segments},
-            "dice_body": {s.name: _dice((theirs == s.label_value) & body, ours.array == s.label_value)
+            "dice": {s.name: dice(theirs == s.label_value, ours.array == s.label_value) for s in segments},
+            "dice_body": {s.name: dice((theirs == s.label_value) & body, ours.array == s.label_value)
                           for s in segments},
             "outside_body": {s.name: int(((theirs == s.label_value) & ~body).sum()) for s in segments},
             "precision": tags["provenance"].get("precision", "float32"),
@@ -363,7 +359,7 @@ def is_running_training(proc: Path) -> bool:
         state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return False
-    return (b"builtin_recipe" in cmd or b"medautolabel train" in cmd) and state not in ("T", "t", "Z", "X")
+    return b"medautolabel train" in cmd and state not in ("T", "t", "Z", "X")
 
 
 def main(argv=None) -> int:

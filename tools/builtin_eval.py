@@ -13,27 +13,12 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 
+from medautolabel.evaluation.metrics import dice, roc_auc
 from medautolabel.synthetic.phantoms import HELD_OUT_SEEDS, NERVE, VESSEL, make_phantom
-
-
-def dice(pred: np.ndarray, ref: np.ndarray) -> float:
-    """Dice of two boolean masks (1.0 when both are empty)."""
-    total = int(pred.sum()) + int(ref.sum())
-    return 1.0 if total == 0 else 2.0 * int((pred & ref).sum()) / total
-
-
-def roc_auc(scores: List[float], truth: List[bool]) -> Optional[float]:
-    """ROC AUC with MONAI's implementation; None when only one class is present."""
-    import torch
-    from monai.metrics import compute_roc_auc
-
-    if len(set(truth)) < 2:
-        return None
-    return float(compute_roc_auc(torch.tensor(scores), torch.tensor(truth, dtype=torch.float32)))
 
 
 def evaluate(model: str, seeds: List[int], device: str = "cpu", progress: bool = True) -> Dict:
@@ -76,8 +61,8 @@ def summarise(cases: List[Dict]) -> Dict:
     if scored:
         probs = [c["aneurysm_probability"] for c in scored]
         truth = [bool(c["aneurysm"]) for c in scored]
-        auc = roc_auc(probs, truth)
-        out["aneurysm_auc"] = None if auc is None else round(auc, 4)
+        auc = roc_auc(truth, probs)
+        out["aneurysm_auc"] = None if np.isnan(auc) else round(auc, 4)  # JSON has no NaN: one class only
         predicted = [p >= 0.5 for p in probs]
         out["aneurysm_accuracy"] = round(float(np.mean([p == t for p, t in zip(predicted, truth)])), 4)
         out["aneurysm_sensitivity"] = round(float(np.mean([p for p, t in zip(predicted, truth) if t]) if any(truth)

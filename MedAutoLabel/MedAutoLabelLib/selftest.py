@@ -19,6 +19,7 @@ DICE_FLOOR = {"Vessel": 0.5, "Nerve": 0.4}  # a guard against broken geometry or
 
 def run_phantom_scenario(logic, scene, device: str = "cpu") -> Dict[str, Any]:
     """Run the scenario with ``logic`` in ``scene``; raise AssertionError on the first failed check."""
+    from medautolabel.evaluation.metrics import dice as mask_dice
     from medautolabel.synthetic.phantoms import DEMO_SEED, make_phantom
 
     ph = make_phantom(DEMO_SEED)  # the demo's phantom (outside the training seeds)
@@ -43,7 +44,7 @@ def run_phantom_scenario(logic, scene, device: str = "cpu") -> Dict[str, Any]:
     for n, name in enumerate(names):
         mask = slicer.util.arrayFromSegmentBinaryLabelmap(seg, segmentation.GetNthSegmentID(n), volume) > 0
         ref = ph.labels.array == n + 1
-        dice = 2.0 * float((mask & ref).sum()) / max(1, int(mask.sum()) + int(ref.sum()))
+        dice = mask_dice(mask, ref)
         facts["dice"][name] = dice
         assert dice >= DICE_FLOOR[name], f"{name} Dice {dice:.3f} below {DICE_FLOOR[name]}"
 

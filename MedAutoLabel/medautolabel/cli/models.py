@@ -61,7 +61,7 @@ def cmd_models_show(args: argparse.Namespace) -> int:
     for task in c.classification:
         say(f"  classification: {task.task} ({' / '.join(task.classes)}) by {task.method}")
     say(f"  low-confidence threshold: {c.low_confidence_threshold:g}")
-    for key in ("command", "training_data", "training_time", "seeds", "date"):
+    for key in ("command", "retrain", "training_data", "training_time", "seeds", "date"):
         if key in c.provenance:
             say(f"  {key.replace('_', ' ')}: {c.provenance[key]}")
     for key, value in c.metrics.items():

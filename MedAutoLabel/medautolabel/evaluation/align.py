@@ -18,12 +18,6 @@ def same_grid(a: Image, b: Image, tolerance_mm: float = TOLERANCE_MM) -> bool:
     return a.array.shape == b.array.shape and bool(np.allclose(a.ijk_to_ras, b.ijk_to_ras, atol=tolerance_mm))
 
 
-def _corners_ras(image: Image) -> np.ndarray:
-    k, j, i = (np.array(image.array.shape) - 1).tolist()
-    ijk = np.array([[x, y, z] for x in (-0.5, i + 0.5) for y in (-0.5, j + 0.5) for z in (-0.5, k + 0.5)])
-    return ijk @ image.ijk_to_ras[:3, :3].T + image.ijk_to_ras[:3, 3]
-
-
 def overlap_fraction(pred: Image, ref: Image) -> float:
     """Share of the reference's voxel centres that fall inside the prediction's grid."""
     inv = np.linalg.inv(pred.ijk_to_ras)

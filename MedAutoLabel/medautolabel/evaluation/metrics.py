@@ -1,7 +1,9 @@
 """Segmentation and classification metrics with known conventions for empty masks.
 
-Dice, HD95 and mean symmetric surface distance come from MONAI (``compute_dice``,
-``compute_hausdorff_distance(percentile=95)``, ``compute_average_surface_distance(symmetric=True)``)
+``dice`` and ``roc_auc`` here are the engine's only Dice and ROC AUC: evaluation, training
+validation, the demo and the tools all call them, so every number called "Dice" follows one rule.
+HD95 and mean symmetric surface distance come from MONAI
+(``compute_hausdorff_distance(percentile=95)``, ``compute_average_surface_distance(symmetric=True)``)
 with the voxel spacing in millimetres. Empty masks: both empty -> Dice 1, distances 0; exactly
 one empty -> Dice 0, distances NaN ("n/a" in reports). Every row says which case it is in
 ``status``: "ok" (in both), "only in prediction" (a false positive), "only in reference" (missed)
@@ -42,6 +44,32 @@ def presence(n_pred: int, n_ref: int) -> str:
     return "only in reference" if n_ref else "both empty"
 
 
+def dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Dice 2|P & R| / (|P| + |R|) of two masks (non-zero = inside), counted exactly in integers.
+
+    The one rule for empty masks: both empty -> 1.0 (they agree perfectly), exactly one empty -> 0.0.
+    Callers that want to leave out cases without the label (training validation averages a label
+    over the cases whose reference holds it) skip those cases themselves.
+    """
+    p, r = np.asarray(pred, dtype=bool), np.asarray(ref, dtype=bool)
+    total = int(p.sum()) + int(r.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(p & r)) / total
+
+
+def roc_auc(truth: Sequence[bool], score: Sequence[float]) -> float:
+    """Area under the ROC curve of ``score`` for the boolean ``truth`` (MONAI ``compute_roc_auc``).
+
+    NaN when ``truth`` holds only one class: the area is not defined without both positives and negatives.
+    """
+    from monai.metrics import compute_roc_auc
+
+    t = np.asarray(truth, dtype=bool)
+    if not 0 < int(t.sum()) < t.size:
+        return math.nan
+    return float(compute_roc_auc(torch.from_numpy(np.asarray(score, dtype=np.float64)),
+                                 torch.from_numpy(t.astype(np.float64))))
+
+
 def labels_to_report(pred: np.ndarray, ref: np.ndarray, names: Mapping[int, str]) -> Dict[int, str]:
     """Label value -> name for every value named, or present (non-zero) in the prediction or the reference.
 
@@ -57,23 +85,23 @@ def labels_to_report(pred: np.ndarray, ref: np.ndarray, names: Mapping[int, str]
 
 def mask_metrics(pred: np.ndarray, ref: np.ndarray, spacing_kji: Sequence[float], voxel_ml: float) -> Dict[str, Any]:
     """Dice, HD95 (mm), mean symmetric surface distance (mm), volumes (mL) and status of two boolean masks."""
-    from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
+    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
 
     n_pred, n_ref = int(pred.sum()), int(ref.sum())
     out: Dict[str, Any] = {"volume_pred_ml": n_pred * voxel_ml, "volume_ref_ml": n_ref * voxel_ml,
                            "status": presence(n_pred, n_ref)}
     out["volume_diff_ml"] = out["volume_pred_ml"] - out["volume_ref_ml"]
     out["volume_diff_percent"] = 100.0 * out["volume_diff_ml"] / out["volume_ref_ml"] if n_ref else math.nan
+    out["dice"] = dice(pred, ref)
     if n_pred == 0 and n_ref == 0:
-        out.update(dice=1.0, hd95_mm=0.0, msd_mm=0.0)
+        out.update(hd95_mm=0.0, msd_mm=0.0)
         return out
     if n_pred == 0 or n_ref == 0:
-        out.update(dice=0.0, hd95_mm=math.nan, msd_mm=math.nan)
+        out.update(hd95_mm=math.nan, msd_mm=math.nan)
         return out
     p, r = _masks(pred, ref)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out["dice"] = float(compute_dice(p, r, include_background=True, ignore_empty=False))
         out["hd95_mm"] = float(compute_hausdorff_distance(p, r, include_background=True, percentile=95,
                                                           spacing=list(spacing_kji)))
         out["msd_mm"] = float(compute_average_surface_distance(p, r, include_background=True, symmetric=True,
@@ -119,18 +147,14 @@ def roc_points(truth: Sequence[bool], score: Sequence[float]) -> List[List[float
 
 def classification_metrics(truth: Sequence[bool], probability: Sequence[float],
                            threshold: float = 0.5) -> Dict[str, Any]:
-    """Accuracy, sensitivity, specificity, ROC AUC (MONAI ``compute_roc_auc``; NaN with one class only),
+    """Accuracy, sensitivity, specificity, ROC AUC (``roc_auc``; NaN with one class only),
     confusion matrix [[TN, FP], [FN, TP]] at ``threshold``, and the ROC points."""
-    from monai.metrics import compute_roc_auc
-
     t = np.asarray(truth, dtype=bool)
     p = np.asarray(probability, dtype=float)
     called = p >= threshold
     tp, tn = int((called & t).sum()), int((~called & ~t).sum())
     fp, fn = int((called & ~t).sum()), int((~called & t).sum())
-    auc = math.nan
-    if 0 < t.sum() < len(t):
-        auc = float(compute_roc_auc(torch.from_numpy(p), torch.from_numpy(t.astype(np.float64))))
+    auc = roc_auc(t, p)
     return {"n": int(len(t)), "positives": int(t.sum()), "threshold": threshold,
             "accuracy": (tp + tn) / len(t) if len(t) else math.nan,
             "sensitivity": tp / (tp + fn) if tp + fn else math.nan,

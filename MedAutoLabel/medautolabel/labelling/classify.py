@@ -9,7 +9,7 @@ import torch
 from scipy import ndimage
 
 from medautolabel.catalog.modelcard import ClassificationTask, ModelCard
-from medautolabel.labelling.preprocess import Prepared, _threads, in_slabs
+from medautolabel.labelling.preprocess import Prepared, in_slabs, worker_threads
 from medautolabel.result import Classification
 
 
@@ -19,7 +19,7 @@ def gaussian_in_threads(volume: np.ndarray, sigma: Sequence[float], threads: Opt
     The filter is separable: each axis's 1-D pass runs on slabs cut along another axis, so slabs are
     independent, and scipy releases the GIL while it filters, so the threads run at once.
     """
-    n = max(1, threads or _threads())
+    n = max(1, threads or worker_threads())
     for axis in range(volume.ndim):
         cut = 1 if axis == 0 else 0
 

@@ -7,7 +7,7 @@ input grid never holds more than two float32 volumes. Outside the crop box is ba
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -114,8 +114,3 @@ def postprocess(logits: torch.Tensor, prepared: Prepared, card: ModelCard, clean
     full = np.zeros(prepared.input_shape, np.uint8)
     full[prepared.crop] = labels
     return Image(full, prepared.input_ijk_to_ras.copy(), {}), segments
-
-
-def label_table(card: ModelCard) -> Dict[int, str]:
-    """Label value -> name (0 = background)."""
-    return {0: "background", **{lab.value: lab.name for lab in card.labels}}

@@ -275,10 +275,10 @@ def in_slabs(run: Callable[[int, int], None], rows: int, parts: int) -> None:
 
 def _slab_count(voxels: int) -> int:
     """Threads worth starting for ``voxels`` output voxels: one per 2 M voxels, at most the CPU threads."""
-    return min(_threads(), max(1, voxels // 2_000_000))
+    return min(worker_threads(), max(1, voxels // 2_000_000))
 
 
-def _threads() -> int:
+def worker_threads() -> int:
     """CPU threads to use: torch's setting (which follows OMP_NUM_THREADS), at least one."""
     return max(1, int(torch.get_num_threads()))
 

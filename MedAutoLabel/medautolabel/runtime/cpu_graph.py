@@ -34,7 +34,7 @@ Shape = Tuple[int, ...]
 Runner = Callable[[torch.Tensor], torch.Tensor]
 RUNTIME_ENV = "MEDAUTOLABEL_CPU_RUNTIME"
 RUNTIMES = ("auto", "openvino", "torchscript", "pytorch")
-_graphs: weakref.WeakKeyDictionary[torch.nn.Module, Dict[Shape, Tuple[Runner, str]]] = weakref.WeakKeyDictionary()
+compiled_graphs: weakref.WeakKeyDictionary[torch.nn.Module, Dict[Shape, Tuple[Runner, str]]] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 TOLERANCE = 1e-3  # largest |graph - eager| accepted on the check window (network outputs are logits)
 
@@ -86,10 +86,10 @@ def frozen_for_cpu(network: torch.nn.Module, shape: Shape) -> Tuple[Runner, str]
     runtime = requested_runtime()
     key = shape + (runtime,)
     with _lock:
-        per_shape = _graphs.setdefault(network, {})
+        per_shape = compiled_graphs.setdefault(network, {})
         if key in per_shape:
             return per_shape[key]
     built = _build(network, shape, runtime)
     with _lock:
-        _graphs[network][key] = built
+        compiled_graphs[network][key] = built
     return built

@@ -84,7 +84,7 @@ def resolve_precision(device: torch.device, requested: str = "auto") -> str:
 FP32_BACKENDS = ("mkldnn.conv", "mkldnn.matmul", "cudnn.conv", "cuda.matmul")
 
 
-def _fp32_backends() -> Dict[str, Any]:
+def fp32_backends() -> Dict[str, Any]:
     """The backends whose float32 arithmetic has a precision setting (``fp32_precision``) in this torch."""
     found = {}
     for name in FP32_BACKENDS:
@@ -98,7 +98,7 @@ def _fp32_backends() -> Dict[str, Any]:
 
 def float32_precisions() -> Dict[str, str]:
     """The float32 precision each backend computes in now (``ieee`` is true float32), for checks and logs."""
-    return {name: backend.fp32_precision for name, backend in _fp32_backends().items()}
+    return {name: backend.fp32_precision for name, backend in fp32_backends().items()}
 
 
 @contextlib.contextmanager
@@ -108,7 +108,7 @@ def float32_arithmetic() -> Iterator[None]:
     The settings are process-wide in torch; they are restored when the block ends. On a torch without
     per-backend settings (before 2.9) the older TF32 switches are turned off instead.
     """
-    backends = list(_fp32_backends().values())
+    backends = list(fp32_backends().values())
     if backends:
         saved = [b.fp32_precision for b in backends]
         try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import threading
 import warnings
@@ -93,7 +92,7 @@ def load_network(card: ModelCard, device: torch.device) -> torch.nn.Module:
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
-    net = _load_uncached(card, path, device)
+    net = load_uncached(card, path, device)
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)
@@ -110,7 +109,8 @@ def clear_cache() -> None:
         _cache.clear()
 
 
-def _load_uncached(card: ModelCard, path: Path, device: torch.device) -> torch.nn.Module:
+def load_uncached(card: ModelCard, path: Path, device: torch.device) -> torch.nn.Module:
+    """The card's network with the weights at ``path`` on ``device``, built afresh (the caller caches it)."""
     if card.network.architecture == "TorchScript" or is_torchscript(path):
         if not is_torchscript(path):
             raise ModelError("the model card says TorchScript but the weights file is not a TorchScript archive",
@@ -168,9 +168,3 @@ def _unwrap_state_dict(obj: Any, path: Union[str, Path]) -> Dict[str, torch.Tens
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return (text[:200] + "...") if len(text) > 200 else (text or type(e).__name__)
-
-
-def weights_info(card: ModelCard) -> Dict[str, Any]:
-    """Provenance facts about the weights file: name, size and sha256."""
-    path = card.weights_path
-    return {"file": os.path.basename(path), "bytes": path.stat().st_size, "sha256": file_sha256(path)}

@@ -103,7 +103,8 @@ def network_key(network: torch.nn.Module, shape: Shape) -> str:
     return h.hexdigest()[:32]
 
 
-def _convert(network: torch.nn.Module, example: torch.Tensor):
+def convert_network(network: torch.nn.Module, example: torch.Tensor):
+    """The OpenVINO model of ``network`` traced on ``example`` (refused while OpenVINO's telemetry is on)."""
     ov = import_openvino()
     if not telemetry_is_off():
         raise RuntimeError("OpenVINO was imported with its telemetry on; not converting here")
@@ -185,6 +186,7 @@ def _save(model, folder: Path) -> None:
     tmp: Optional[Path] = None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
+        # a folder written whole: atomic_output handles files, so the entry is a temp folder renamed into place
         tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, suffix="-" + folder.name, dir=str(folder.parent)))
         ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
         os.replace(tmp, folder)
@@ -215,7 +217,7 @@ def compiled_for_cpu(network: torch.nn.Module, shape: Shape,
             shutil.rmtree(folder, ignore_errors=True)
     example = torch.rand(shape, generator=torch.Generator().manual_seed(0))
     try:
-        model = _convert(network, example)
+        model = convert_network(network, example)
         compiled = CompiledNetwork(compile_model(model, threads), shape)
         with torch.no_grad(), float32_arithmetic():
             expected = first_output(network(example))

@@ -11,6 +11,7 @@ import numpy as np
 from medautolabel.catalog.modelcard import ModelCard
 from medautolabel.catalog.registry import resolve_model
 from medautolabel.errors import MedAutoLabelError
+from medautolabel.evaluation.metrics import dice
 from medautolabel.io.atomic import make_folder
 from medautolabel.io.ownership import check_new_folder, is_ours
 from medautolabel.result import Result, SegmentInfo
@@ -27,12 +28,6 @@ class DemoReport:
     aneurysm_truth: bool
     result: Result
     lines: List[str] = field(default_factory=list)  # what the command prints (and the PNG shows)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two masks; 1.0 when both are empty."""
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total
 
 
 def reference_segments(card: ModelCard, labels: np.ndarray, voxel_mm3: float) -> List[SegmentInfo]:

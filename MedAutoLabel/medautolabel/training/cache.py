@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from medautolabel.catalog.modelcard import ModelCard
+from medautolabel.io.atomic import atomic_output
 from medautolabel.labelling.preprocess import preprocess, resample
 from medautolabel.runtime.network import file_sha256
 from medautolabel.training.config import Cache as CacheConfig
@@ -148,9 +149,8 @@ def build_cache(path: Path, cases: Sequence[Case], card: ModelCard, card_dict: D
         return CacheReport(path, 0, len(cases), False, time.perf_counter() - t0, path.stat().st_size, keys, shas)
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     reused = 0
-    try:
+    with atomic_output(path) as tmp:
         with h5py.File(tmp, "w") as out:
             out.attrs["format"] = FORMAT
             out.attrs["preprocessing_key"] = key
@@ -177,10 +177,6 @@ def build_cache(path: Path, cases: Sequence[Case], card: ModelCard, card_dict: D
                 g.attrs["spacing"] = np.asarray(spacing, dtype=np.float64)
                 if progress is not None:
                     progress(done + 1, len(missing))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return CacheReport(path, len(cases) - reused, reused, not valid, time.perf_counter() - t0,
                        path.stat().st_size, keys, shas)
 

@@ -15,7 +15,6 @@ progress output names cases by their index only.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +24,6 @@ import numpy as np
 
 from medautolabel.image import Image
 from medautolabel.training.config import ConfigError
-
-IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 @dataclass
@@ -202,11 +199,3 @@ def read_image(path: Path) -> Image:
         raise ConfigError(f"expected a 3D image, got shape {array.shape}", path)
     # nibabel: array (i, j, k) with an (i, j, k) -> RAS affine; the engine holds (k, j, i)
     return Image(np.ascontiguousarray(array.T), img.affine, {})
-
-
-def dataset_fingerprint(file_shas: List[str]) -> str:
-    """One hash over the per-file sha256 values, in case order (training provenance)."""
-    h = hashlib.sha256()
-    for s in file_shas:
-        h.update(s.encode())
-    return h.hexdigest()

@@ -92,10 +92,6 @@ def no_sync(net: torch.nn.Module) -> ContextManager:
     return net.no_sync() if hasattr(net, "no_sync") else contextlib.nullcontext()
 
 
-def unwrap(net: torch.nn.Module) -> torch.nn.Module:
-    return getattr(net, "module", net)
-
-
 def cleanup(d: Dist) -> None:
     if d.enabled:
         import torch.distributed as dist

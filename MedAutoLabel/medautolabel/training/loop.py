@@ -32,6 +32,7 @@ import torch
 
 from medautolabel.catalog.modelcard import ModelCard
 from medautolabel.errors import Cancelled
+from medautolabel.io.atomic import atomic_output
 from medautolabel.runtime.device import autocast, select_device
 from medautolabel.training import distributed
 from medautolabel.training.cache import CaseStore, build_cache, default_cache_path
@@ -193,9 +194,9 @@ class _Log:
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` that leaves either the previous checkpoint or the new one, never half of one."""
+    with atomic_output(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _prepare_run(model_dir: Path, config: Union[None, str, Path, Dict[str, Any], TrainConfig], resume: bool,
@@ -324,7 +325,8 @@ def _train(data, model_dir: Path, config, base, dev: torch.device, overrides, re
     model = distributed.wrap(net, dist, dev)
     if dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        with atomic_output(run_dir / "config.json") as tmp:  # --resume reads it back: whole or absent
+            tmp.write_text(json.dumps(cfg.to_dict(), indent=2))
 
     seg_loss = segmentation_loss()
     evidence = EvidenceMax(cfg.classification.smoothing_mm, store.spacing).to(dev)
@@ -378,7 +380,7 @@ def _train(data, model_dir: Path, config, base, dev: torch.device, overrides, re
         if dist.main and sys.stderr.isatty():
             from tqdm import tqdm
 
-            bar = tqdm(total=its, desc=_bar_text(epoch, cfg.epochs, estimate), leave=False, unit="it",
+            bar = tqdm(total=its, desc=bar_text(epoch, cfg.epochs, estimate), leave=False, unit="it",
                        file=sys.stderr)
         batches = _batches(sampler, cfg, epoch_seed)
         for it in range(cfg.iterations_per_epoch):
@@ -420,7 +422,7 @@ def _train(data, model_dir: Path, config, base, dev: torch.device, overrides, re
                 told = True
                 say(estimate.line(cfg.epochs - start_epoch))
                 if bar is not None:
-                    bar.set_description(_bar_text(epoch, cfg.epochs, estimate))
+                    bar.set_description(bar_text(epoch, cfg.epochs, estimate))
             sums["loss"] += float(loss_seg.detach()) + loss_cls
             sums["seg_loss"] += float(loss_seg.detach())
             sums["cls_loss"] += loss_cls
@@ -497,7 +499,7 @@ def _train(data, model_dir: Path, config, base, dev: torch.device, overrides, re
     return TrainResult(model_dir, epochs_run, best_epoch, best_metrics, seconds, stopped, history)
 
 
-def _bar_text(epoch: int, epochs: int, estimate: Estimate) -> str:
+def bar_text(epoch: int, epochs: int, estimate: Estimate) -> str:
     """The progress bar's label: the epoch, and the estimated time per epoch once known."""
     per = estimate.epoch_seconds() if estimate.ready() or estimate.validation is not None else None
     return f"epoch {epoch + 1}/{epochs}" + (f" (~{minutes(per)}/epoch)" if per else "")

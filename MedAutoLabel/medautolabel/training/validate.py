@@ -1,5 +1,5 @@
-"""Validation on whole cached cases: sliding-window inference, MONAI DiceMetric, and the engine's
-own ``voxel_evidence`` classifier for image-level classes (ROC AUC, accuracy)."""
+"""Validation on whole cached cases: sliding-window inference, the engine's one Dice and ROC AUC
+(``evaluation.metrics``), and its own ``voxel_evidence`` classifier for image-level classes (ROC AUC, accuracy)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from medautolabel.catalog.modelcard import ModelCard
+from medautolabel.evaluation.metrics import dice, roc_auc
 from medautolabel.labelling.classify import voxel_evidence
 from medautolabel.runtime.device import autocast
 from medautolabel.training.cache import CaseStore
@@ -21,12 +22,9 @@ def validate(net: torch.nn.Module, store: CaseStore, cases: Sequence[Case], case
              card: ModelCard, lut: np.ndarray, device: torch.device) -> Dict[str, object]:
     """Mean Dice over labels (each label averaged over the cases that contain it) and per-task metrics."""
     from monai.inferers import sliding_window_inference
-    from monai.metrics import compute_dice, compute_roc_auc
-    from monai.networks.utils import one_hot
 
     softmax = card.segmentation.channels
-    # MONAI's functional Dice per case (DiceMetric would all-gather across ranks, but only rank 0 validates)
-    per_case: List[torch.Tensor] = []
+    per_case: List[List[float]] = []
     scores: Dict[str, List[float]] = {t.task: [] for t in card.classification}
     truth: Dict[str, List[float]] = {t.task: [] for t in card.classification}
     was_training = net.training
@@ -41,16 +39,17 @@ def validate(net: torch.nn.Module, store: CaseStore, cases: Sequence[Case], case
 
         logits = sliding_window_inference(x, list(card.inference.roi_size), card.inference.sw_batch_size, predictor,
                                           overlap=card.inference.overlap, mode=card.inference.blend)[0].cpu()
-        pred = one_hot(logits[:softmax].argmax(0)[None, None], softmax)
-        ref = one_hot(torch.from_numpy(map_labels(label, lut))[None, None], softmax)
-        per_case.append(compute_dice(pred, ref, include_background=False, ignore_empty=True)[0])
+        pred = logits[:softmax].argmax(0).numpy()
+        ref = map_labels(label, lut)
+        # a label counts only in the cases whose reference holds it (NaN elsewhere)
+        per_case.append([dice(pred == c, ref == c) if (ref == c).any() else np.nan for c in range(1, softmax)])
         for t in card.classification:
             if t.task in case.classes:
                 scores[t.task].append(voxel_evidence(logits, t, store.spacing))
                 truth[t.task].append(float(case.classes[t.task] == t.classes[1]))
     if was_training:
         net.train()
-    table = torch.stack(per_case).numpy()  # (cases, labels); NaN where a case lacks the label
+    table = np.asarray(per_case, dtype=np.float64).reshape(len(per_case), softmax - 1)  # NaN: case lacks the label
     per_label: Dict[str, Optional[float]] = {}
     for lab in sorted(card.labels, key=lambda x: x.channel):
         column = table[:, lab.channel - 1]
@@ -65,7 +64,8 @@ def validate(net: torch.nn.Module, store: CaseStore, cases: Sequence[Case], case
         t_arr = np.asarray(truth[task])
         entry: Dict[str, object] = {"accuracy": float(np.mean((np.asarray(s) > 0.5) == (t_arr > 0.5))),
                                     "cases": len(s)}
-        if 0 < t_arr.sum() < len(t_arr):
-            entry["roc_auc"] = float(compute_roc_auc(torch.tensor(s), torch.tensor(t_arr)))
+        auc = roc_auc(t_arr > 0.5, s)
+        if not np.isnan(auc):
+            entry["roc_auc"] = auc
         out[task] = entry
     return out
