@@ -223,7 +223,8 @@ class MedAutoLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.lastOutput = out
         self.ui.classificationLabel.text = "<br>".join(
             f"<b>{c.task}</b>: {c.label}, p={c.probability:.2f}" + (" <i>(low confidence)</i>" if c.low_confidence
-                                                                     else "") for c in out.classifications)
+                                                                     else "")
+            + ("" if c.validated else " <i>(not validated)</i>") for c in out.classifications)
         table = self.ui.segmentsTable
         table.setRowCount(len(out.segments))
         for row, s in enumerate(out.segments):

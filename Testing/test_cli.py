@@ -98,7 +98,8 @@ def test_demo_writes_five_files_and_prints_dice(tmp_path, capsys):
     dice = {m[0]: float(m[1]) for m in re.findall(r"^(\w+): Dice ([0-9.]+)", printed, re.M)}
     assert set(dice) == {"Vessel", "Nerve"}
     assert dice["Vessel"] > 0.6 and dice["Nerve"] > 0.5, printed  # a floor: a broken model scores ~0
-    assert re.search(r"^aneurysm: (present|absent), p=[01]\.\d\d \(truth: (present|absent)\)$", printed, re.M)
+    # the built-in aneurysm tag missed its validation targets (#15): the demo says so beside it
+    assert re.search(r"^aneurysm: (present|absent), p=[01]\.\d\d NOT VALIDATED \(truth: (present|absent)\)$", printed, re.M)
     ref = slicerio.read_segmentation(str(out / "phantom-reference.seg.nrrd"))
     image = read_image(out / "phantom.nrrd")
     assert ref["voxels"].shape == image.array.shape[::-1]  # slicerio: (i, j, k)

@@ -311,3 +311,26 @@ def test_background_training_reports_progress_and_cancels_fast(scene, tmp_path):
     t0 = time.monotonic()
     trainer.cancel()
     assert time.monotonic() - t0 < 1.0 and proc.poll() is not None and not trainer.running
+
+
+def test_a_tag_that_missed_its_validation_says_so_in_the_scene(scene, tmp_path):
+    """A card task with ``"validated": false``: attributes, subject hierarchy and findings table all say it (#15)."""
+    import json
+
+    folder = write_threshold_model(tmp_path / "unvalidated")
+    card = json.loads((folder / "model.json").read_text())
+    card["classification"][0]["validated"] = False
+    (folder / "model.json").write_text(json.dumps(card))
+    volume = scene_io.image_to_volume(sphere_image(), scene, "CTA")
+    out = MedAutoLabelLogic(scene).autoLabel(volume, model=str(folder), device="cpu")
+    sh = scene.GetSubjectHierarchyNode()
+    for node in (volume, out.segmentationNode):
+        assert node.GetAttribute("MedAutoLabel.Validated.aneurysm") == "0"
+        assert node.GetAttribute("MedAutoLabel.Method.aneurysm") == "voxel_evidence"
+        assert sh.GetItemAttribute(scene_io.subject_hierarchy_item(scene, node), "MedAutoLabel.Validated.aneurysm") == "0"
+    table = out.tableNode
+    header = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
+    row = dict(zip(header, [table.GetCellText(0, c) for c in range(table.GetNumberOfColumns())]))
+    assert row["Kind"] == "classification" and row["Method"] == "voxel_evidence"
+    assert row["Validated"] == "no: not validated"
+    assert [c.validated for c in out.classifications] == [False]

@@ -105,6 +105,8 @@ def classification_attributes(classes: Sequence[Classification]) -> Dict[str, st
         out[f"{ATTRIBUTE_PREFIX}Class.{c.task}"] = c.label
         out[f"{ATTRIBUTE_PREFIX}Probability.{c.task}"] = f"{c.probability:.4f}"
         out[f"{ATTRIBUTE_PREFIX}LowConfidence.{c.task}"] = "1" if c.low_confidence else "0"
+        out[f"{ATTRIBUTE_PREFIX}Method.{c.task}"] = c.method
+        out[f"{ATTRIBUTE_PREFIX}Validated.{c.task}"] = "1" if c.validated else "0"
     return out
 
 
@@ -130,7 +132,8 @@ def set_attributes(scene, nodes: Sequence[Any], attributes: Dict[str, str]) -> N
             sh.SetItemAttribute(item, key, value)
 
 
-FINDINGS_COLUMNS = ("Kind", "Name", "Value", "Probability", "Volume (mL)", "Mean confidence", "Low confidence")
+FINDINGS_COLUMNS = ("Kind", "Name", "Value", "Probability", "Volume (mL)", "Mean confidence", "Low confidence",
+                    "Method", "Validated")
 
 
 def findings_table(scene, name: str, result: Result, table_node=None):
@@ -141,11 +144,11 @@ def findings_table(scene, name: str, result: Result, table_node=None):
         array = vtk.vtkStringArray()
         array.SetName(column)
         table.AddColumn(array)
-    rows = [("classification", c.task, c.label, f"{c.probability:.3f}", "", "", "yes" if c.low_confidence else "no")
-            for c in result.classifications]
+    rows = [("classification", c.task, c.label, f"{c.probability:.3f}", "", "", "yes" if c.low_confidence else "no",
+             c.method, "yes" if c.validated else "no: not validated") for c in result.classifications]
     rows += [("segment", s.name, str(s.label_value), "", f"{s.volume_ml:.3f}", f"{s.mean_confidence:.3f}",
-              "yes" if s.low_confidence else "no") for s in result.segments]
-    rows += [("input repair", str(r.get("problem", "")), note, "", "", "", "")
+              "yes" if s.low_confidence else "no", "", "") for s in result.segments]
+    rows += [("input repair", str(r.get("problem", "")), note, "", "", "", "", "", "")
              for r, note in zip(result.provenance.get("input_repairs", []) or [], repair_notes(result.provenance))]
     for row in rows:
         r = table.AddEmptyRow()

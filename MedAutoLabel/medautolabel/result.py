@@ -48,6 +48,8 @@ class Classification:
     probability: float  # probability of ``label``
     probabilities: Dict[str, float] = field(default_factory=dict)  # every class of the task
     low_confidence: bool = False
+    method: str = ""  # what made the tag (the card's method, e.g. "voxel_evidence")
+    validated: bool = True  # False: the tag missed its validation targets and is shown as "not validated"
 
 
 @dataclass
@@ -101,5 +103,6 @@ def result_from_facts(labelmap: Image, facts: Dict[str, Any]) -> Result:
                                     int(s.get("voxel_count", 0)), float(s.get("volume_ml", 0.0)),
                                     float(s.get("mean_confidence", 0.0)), bool(s.get("low_confidence", False))))
     classes = [Classification(c["task"], c["label"], float(c["probability"]), dict(c.get("probabilities", {})),
-                              bool(c.get("low_confidence", False))) for c in facts.get("classifications", [])]
+                              bool(c.get("low_confidence", False)), str(c.get("method", "")),
+                              bool(c.get("validated", True))) for c in facts.get("classifications", [])]
     return Result(labelmap, segments, classes, dict(facts.get("provenance", {})))

@@ -98,6 +98,8 @@ class ClassificationTask:
     method: str = "voxel_evidence"
     activation: str = "sigmoid"
     smoothing_mm: float = 1.0
+    # False when the tag missed its validation targets: every output of it says "not validated"
+    validated: bool = True
 
 
 @dataclass
@@ -192,7 +194,7 @@ class ModelCard:
             } for lab in self.labels],
             "classification": [{
                 "task": t.task, "classes": list(t.classes), "method": t.method, "channel": t.channel,
-                "activation": t.activation, "smoothing_mm": t.smoothing_mm,
+                "activation": t.activation, "smoothing_mm": t.smoothing_mm, "validated": t.validated,
             } for t in self.classification],
             "low_confidence_threshold": self.low_confidence_threshold,
             "provenance": dict(self.provenance),
@@ -513,7 +515,7 @@ def _parse_label(c: _Ctx, v: Any, where: str) -> LabelSpec:
 
 
 def _parse_task(c: _Ctx, v: Any, where: str) -> ClassificationTask:
-    d = c.obj(v, where, ["task", "classes", "method", "channel", "activation", "smoothing_mm"])
+    d = c.obj(v, where, ["task", "classes", "method", "channel", "activation", "smoothing_mm", "validated"])
     classes = c.get(d, "classes", where)
     if not (isinstance(classes, list) and len(classes) == 2 and all(isinstance(x, str) and x for x in classes)
             and classes[0] != classes[1]):
@@ -524,10 +526,13 @@ def _parse_task(c: _Ctx, v: Any, where: str) -> ClassificationTask:
     act = c.text(d, "activation", where, "sigmoid")
     if act != "sigmoid":
         raise c.fail(f"{where}.activation", f"expected \"sigmoid\", got {_short(act)}")
+    validated = c.get(d, "validated", where, True)
+    if not isinstance(validated, bool):
+        raise c.fail(f"{where}.validated", f"expected true or false, got {_kind(validated)}")
     return ClassificationTask(
         task=c.text(d, "task", where), classes=(classes[0], classes[1]),
         channel=c.integer(d, "channel", where, lo=0), method=method, activation=act,
-        smoothing_mm=c.number(d, "smoothing_mm", where, 1.0, lo=0.0, hi=1e3),
+        smoothing_mm=c.number(d, "smoothing_mm", where, 1.0, lo=0.0, hi=1e3), validated=validated,
     )
 
 

@@ -26,7 +26,8 @@ medautolabel did not write, is refused before anything runs (even with --overwri
 def _summary(facts: dict) -> str:
     parts = [f"{s['name']} {s['volume_ml']:.2f} mL" + (" (low confidence)" if s["low_confidence"] else "")
              for s in facts.get("segments", [])]
-    parts += [f"{c['task']}: {c['label']} p={c['probability']:.2f}" for c in facts.get("classifications", [])]
+    parts += [f"{c['task']}: {c['label']} p={c['probability']:.2f}"
+              + ("" if c.get("validated", True) else " (not validated)") for c in facts.get("classifications", [])]
     return "; ".join(parts)
 
 

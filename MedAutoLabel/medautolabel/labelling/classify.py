@@ -54,5 +54,6 @@ def classify(logits: torch.Tensor, prepared: Prepared, card: ModelCard,
         probs = {absent_name: 1.0 - present, present_name: present}
         label = present_name if present > 0.5 else absent_name
         out.append(Classification(task=task.task, label=label, probability=probs[label], probabilities=probs,
-                                  low_confidence=probs[label] < threshold))
+                                  low_confidence=probs[label] < threshold, method=task.method,
+                                  validated=task.validated))
     return out

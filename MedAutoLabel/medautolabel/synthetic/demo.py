@@ -91,7 +91,8 @@ def run_demo(out_dir: Union[str, Path], device: str = "auto", seed: int = DEMO_S
                      f"mean confidence {s.mean_confidence:.2f}{flag}")
     for c in result.classifications:
         truth = ("present" if ph.aneurysm else "absent") if c.task == "aneurysm" else "?"
-        lines.append(f"{c.task}: {c.label}, p={c.probability:.2f} (truth: {truth})")
+        lines.append(f"{c.task}: {c.label}, p={c.probability:.2f}{'' if c.validated else ' NOT VALIDATED'} "
+                     f"(truth: {truth})")
     files["png"] = overview_png(ph.image, result.labelmap, {s.label_value: s.color for s in result.segments}, lines,
                                 out / "phantom.png")
     return DemoReport(seed, files, scores, bool(ph.aneurysm), result, lines)
