@@ -145,18 +145,74 @@ def roc_points(truth: Sequence[bool], score: Sequence[float]) -> List[List[float
     return points
 
 
+def sensitivity_at_specificity(truth: Sequence[bool], score: Sequence[float], specificity: float = 0.9) -> float:
+    """The highest sensitivity of any threshold whose specificity is at least ``specificity`` (NaN without both classes)."""
+    t = np.asarray(truth, dtype=bool)
+    if t.all() or not t.any():
+        return math.nan
+    return max(tpr for fpr, tpr in roc_points(t, score) if 1.0 - fpr >= specificity - 1e-12)
+
+
+def reliability(truth: Sequence[bool], probability: Sequence[float], bins: int = 10) -> List[Dict[str, float]]:
+    """The reliability diagram's points: per equal-width probability bin that holds cases, the mean
+    predicted probability, the observed frequency of the positive class and the number of cases."""
+    t = np.asarray(truth, dtype=bool)
+    p = np.clip(np.asarray(probability, dtype=float), 0.0, 1.0)
+    which = np.minimum((p * bins).astype(int), bins - 1)  # p == 1.0 goes to the last bin
+    return [{"mean_probability": float(p[which == b].mean()), "frequency": float(t[which == b].mean()),
+             "n": int((which == b).sum())} for b in range(bins) if (which == b).any()]
+
+
+def expected_calibration_error(truth: Sequence[bool], probability: Sequence[float], bins: int = 10) -> float:
+    """ECE: the mean |observed frequency - mean probability| over equal-width bins, weighted by their cases.
+
+    0 for a calibrated classifier; a model that says 0.9 for cases that are positive half the time
+    has 0.4. NaN without cases.
+    """
+    points = reliability(truth, probability, bins)
+    n = sum(b["n"] for b in points)
+    if not n:
+        return math.nan
+    return float(sum(b["n"] * abs(b["frequency"] - b["mean_probability"]) for b in points) / n)
+
+
+def roc_auc_interval(truth: Sequence[bool], score: Sequence[float], resamples: int = 1000, level: float = 0.95,
+                     seed: int = 0) -> List[float]:
+    """A percentile bootstrap interval [low, high] of ``roc_auc`` (cases resampled with replacement; resamples
+    with one class only are skipped); [NaN, NaN] without both classes. Seeded: the same data give the same interval."""
+    t = np.asarray(truth, dtype=bool)
+    s = np.asarray(score, dtype=float)
+    if t.all() or not t.any():
+        return [math.nan, math.nan]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        pick = rng.integers(0, len(t), len(t))
+        if t[pick].any() and not t[pick].all():
+            values.append(roc_auc(t[pick], s[pick]))
+    tail = (1.0 - level) / 2.0 * 100.0
+    return [float(np.percentile(values, tail)), float(np.percentile(values, 100.0 - tail))]
+
+
 def classification_metrics(truth: Sequence[bool], probability: Sequence[float],
                            threshold: float = 0.5) -> Dict[str, Any]:
-    """Accuracy, sensitivity, specificity, ROC AUC (``roc_auc``; NaN with one class only),
-    confusion matrix [[TN, FP], [FN, TP]] at ``threshold``, and the ROC points."""
+    """Accuracy, balanced accuracy, sensitivity, specificity, ROC AUC (``roc_auc``; NaN with one class
+    only) with its 95 % bootstrap interval, sensitivity at 90 % specificity, the confusion matrix
+    [[TN, FP], [FN, TP]] at ``threshold``, the ROC points, and calibration (ECE and the reliability
+    diagram's points)."""
     t = np.asarray(truth, dtype=bool)
     p = np.asarray(probability, dtype=float)
     called = p >= threshold
     tp, tn = int((called & t).sum()), int((~called & ~t).sum())
     fp, fn = int((called & ~t).sum()), int((~called & t).sum())
     auc = roc_auc(t, p)
+    sensitivity = tp / (tp + fn) if tp + fn else math.nan
+    specificity = tn / (tn + fp) if tn + fp else math.nan
     return {"n": int(len(t)), "positives": int(t.sum()), "threshold": threshold,
             "accuracy": (tp + tn) / len(t) if len(t) else math.nan,
-            "sensitivity": tp / (tp + fn) if tp + fn else math.nan,
-            "specificity": tn / (tn + fp) if tn + fp else math.nan,
-            "roc_auc": auc, "confusion": [[tn, fp], [fn, tp]], "roc": roc_points(t, p)}
+            "balanced_accuracy": (sensitivity + specificity) / 2.0,
+            "sensitivity": sensitivity, "specificity": specificity,
+            "roc_auc": auc, "roc_auc_ci95": roc_auc_interval(t, p),
+            "sensitivity_at_90_specificity": sensitivity_at_specificity(t, p, 0.9),
+            "ece": expected_calibration_error(t, p), "reliability": reliability(t, p),
+            "confusion": [[tn, fp], [fn, tp]], "roc": roc_points(t, p)}

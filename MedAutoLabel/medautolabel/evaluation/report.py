@@ -162,9 +162,12 @@ def write_html(rows: Sequence[Dict[str, Any]], summary: Dict[str, Any], path: Pa
         body.append(f"<h2>Classification: {_text(task)}</h2>")
         body.append('<div class="row">' + roc_plot(c["roc"], c["roc_auc"]) +
                     confusion_plot(c["confusion"], c["classes"]) + "</div>")
-        body.append(_table(["n", "positives", "accuracy", "sensitivity", "specificity", "ROC AUC"],
-                           [[c["n"], c["positives"], c["accuracy"], c["sensitivity"], c["specificity"],
-                             c["roc_auc"]]]))
+        low, high = c.get("roc_auc_ci95", [math.nan, math.nan])
+        body.append(_table(["n", "positives", "accuracy", "balanced accuracy", "sensitivity", "specificity",
+                            "ROC AUC", "AUC 95 % CI", "sensitivity at 90 % specificity", "ECE"],
+                           [[c["n"], c["positives"], c["accuracy"], c.get("balanced_accuracy", math.nan),
+                             c["sensitivity"], c["specificity"], c["roc_auc"], f"{_num(low, 3)}-{_num(high, 3)}",
+                             c.get("sensitivity_at_90_specificity", math.nan), c.get("ece", math.nan)]]))
     body.append("<h2>Per case</h2>")
     body.append(_table(["case", "label", "Dice", "HD95 (mm)", "MSD (mm)", "pred mL", "ref mL", "resampled"],
                        [[r["case"], r["name"], r["dice"], r["hd95_mm"], r["msd_mm"], r["volume_pred_ml"],
