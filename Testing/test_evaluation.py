@@ -188,7 +188,10 @@ def test_command_writes_csv_summary_and_an_offline_html_report(tmp_path, capsys)
     page = (out / "report.html").read_text(encoding="utf-8")
     parser = _Tags()
     parser.feed(page)
-    assert parser.tags.count("svg") == 3 and "script" not in parser.tags
+    assert parser.tags.count("svg") == 4 and "script" not in parser.tags  # Dice, ROC, reliability, confusion
+    assert 'aria-label="reliability diagram"' in page and f"ECE {cls['ece']:.3f}" in page
+    diagram = page.split('aria-label="reliability diagram"')[1].split("</svg>")[0]
+    assert diagram.count("<circle") == len(cls["reliability"]) == 2  # p 0.8 and 0.3: two bins
     assert "http" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")  # nothing to fetch
     assert "vessel: Dice mean" in capsys.readouterr().out
 

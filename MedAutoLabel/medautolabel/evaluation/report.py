@@ -114,6 +114,25 @@ def roc_plot(points: Sequence[Sequence[float]], auc: float, size: int = 260) -> 
             f'<text x="{pad + s - 4}" y="{pad + s - 8}" font-size="12" text-anchor="end">{label}</text></svg>')
 
 
+def reliability_plot(points: Sequence[Dict[str, float]], ece: float, size: int = 260) -> str:
+    """The reliability diagram: observed frequency against mean predicted probability per bin (a dot
+    whose area grows with the bin's cases), the diagonal a calibrated classifier would follow, and the ECE."""
+    pad = 35
+    s = size - 2 * pad
+    most = max((b["n"] for b in points), default=1)
+    dots = "".join(f'<circle cx="{pad + b["mean_probability"] * s:.1f}" cy="{pad + (1 - b["frequency"]) * s:.1f}" '
+                   f'r="{2 + 5 * math.sqrt(b["n"] / most):.1f}" fill="#3b6ea8"/>' for b in points)
+    label = "ECE n/a" if not math.isfinite(ece) else f"ECE {ece:.3f}"
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{size}" height="{size}" role="img" '
+            f'aria-label="reliability diagram">'
+            f'<rect x="{pad}" y="{pad}" width="{s}" height="{s}" fill="none" stroke="#888"/>'
+            f'<line x1="{pad}" y1="{pad + s}" x2="{pad + s}" y2="{pad}" stroke="#ccc" stroke-dasharray="4"/>{dots}'
+            f'<text x="{size / 2}" y="{size - 8}" font-size="11" text-anchor="middle">mean predicted probability</text>'
+            f'<text x="12" y="{size / 2}" font-size="11" text-anchor="middle" '
+            f'transform="rotate(-90 12 {size / 2})">observed frequency</text>'
+            f'<text x="{pad + 4}" y="{pad + 14}" font-size="12">{label}</text></svg>')
+
+
 def confusion_plot(confusion: Sequence[Sequence[int]], classes: Sequence[str], size: int = 220) -> str:
     pad = 60
     cell = (size - pad) / 2
@@ -161,6 +180,7 @@ def write_html(rows: Sequence[Dict[str, Any]], summary: Dict[str, Any], path: Pa
     for task, c in summary.get("classification", {}).items():
         body.append(f"<h2>Classification: {_text(task)}</h2>")
         body.append('<div class="row">' + roc_plot(c["roc"], c["roc_auc"]) +
+                    reliability_plot(c.get("reliability", []), c.get("ece", math.nan)) +
                     confusion_plot(c["confusion"], c["classes"]) + "</div>")
         low, high = c.get("roc_auc_ci95", [math.nan, math.nan])
         body.append(_table(["n", "positives", "accuracy", "balanced accuracy", "sensitivity", "specificity",
