@@ -24,8 +24,8 @@ from medautolabel.errors import InputError, MedAutoLabelError
 from medautolabel.geometry import image_from_sitk, image_to_sitk, lps_affine_to_ras
 from medautolabel.image import Image
 from medautolabel.io.atomic import atomic_output
-from medautolabel.io.ownership import TAGS_FORMAT
-from medautolabel.limits import exceeds_memory, human_bytes, json_depth_exceeds, memory_problem, voxel_count
+from medautolabel.io.ownership import labelmap_tags
+from medautolabel.limits import exceeds_memory, human_bytes, memory_problem, voxel_count
 from medautolabel.text import escaped, printable
 
 log = logging.getLogger(__name__)
@@ -201,30 +201,9 @@ def _labelmap_evidence(reader: Any, p: Path) -> Optional[str]:
         return "a Slicer segmentation: its header has Segment0_* keys"
     if "intent_code" in keys and reader.GetMetaData("intent_code").strip() == _NIFTI_INTENT_LABEL:
         return "its NIfTI intent code is NIFTI_INTENT_LABEL"
-    tags = _own_tags_file(p)
+    tags = labelmap_tags(p)
     if tags is not None:
         return f"a medautolabel labelmap: {tags.name} names it as its labelmap_file"
-    return None
-
-
-def _own_tags_file(p: Path) -> Optional[Path]:
-    """The sibling ``<stem>.tags.json`` (format medautolabel-tags/1) naming ``p`` as its labelmap, if any."""
-    import json
-
-
-    name = p.name
-    stem = name[: -len(extension(p))] if extension(p) else p.stem
-    for candidate in {stem, stem[: -len(".seg")] if stem.lower().endswith(".seg") else stem}:
-        tags = p.parent / f"{candidate}.tags.json"
-        try:
-            if not tags.is_file() or tags.stat().st_size > (1 << 22):
-                continue
-            text = tags.read_text(encoding="utf-8")
-            doc = None if json_depth_exceeds(text) else json.loads(text)
-        except (OSError, ValueError, RecursionError):
-            continue
-        if isinstance(doc, dict) and doc.get("format") == TAGS_FORMAT and doc.get("labelmap_file") == name:
-            return tags
     return None
 
 

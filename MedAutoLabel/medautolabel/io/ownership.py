@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Sequence, Set, Tuple, Union
 
 from medautolabel.errors import MedAutoLabelError
+from medautolabel.limits import json_depth_exceeds
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -65,12 +66,13 @@ def _input_ids(inputs: Iterable[PathLike]) -> Set[Tuple[int, int]]:
 
 
 def _json(path: Path) -> Dict[str, Any]:
-    """The JSON object in ``path``, or {} when it is missing, unreadable, too big or not an object."""
+    """The JSON object in ``path``, or {} when it is missing, unreadable, too big, too deep or not an object."""
     try:
         if not path.is_file() or path.stat().st_size > 50_000_000:
             return {}
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        text = path.read_text(encoding="utf-8")
+        doc = None if json_depth_exceeds(text) else json.loads(text)
+    except (OSError, ValueError, RecursionError):
         return {}
     return doc if isinstance(doc, dict) else {}
 
@@ -91,16 +93,25 @@ def _tags_of(path: Path) -> Optional[Path]:
     return None
 
 
-def _owned_by_tags(path: Path) -> bool:
+def _our_tags(path: Path) -> Dict[str, Any]:
+    """The ``<stem>.tags.json`` of ours beside the labelmap / label table ``path``, or {}."""
     tags_path = _tags_of(path)
-    if tags_path is None:
-        return False
-    tags = _json(tags_path)
-    if tags.get("format") != TAGS_FORMAT:
-        return False
-    labelmap = str(tags.get("labelmap_file", ""))
-    stem = tags_path.name[: -len(".tags.json")]
-    return path.name == labelmap or (path.name == f"{stem}.labels.csv" and labelmap == f"{stem}.nii.gz")
+    tags = _json(tags_path) if tags_path is not None else {}
+    return tags if tags.get("format") == TAGS_FORMAT else {}
+
+
+def labelmap_tags(path: PathLike) -> Optional[Path]:
+    """The ``<stem>.tags.json`` of ours that names ``path`` as its labelmap (a result medautolabel wrote), or None."""
+    p = Path(path)
+    return _tags_of(p) if _our_tags(p).get("labelmap_file") == p.name else None
+
+
+def _owned_by_tags(path: Path) -> bool:
+    """A labelmap its tags.json names, or the label table beside a NIfTI labelmap its tags.json names."""
+    labelmap = str(_our_tags(path).get("labelmap_file", ""))
+    if not labelmap or path.name == labelmap:
+        return bool(labelmap)
+    return path.name.endswith(".labels.csv") and labelmap == path.name[: -len(".labels.csv")] + ".nii.gz"
 
 
 def _owned_by_listing(path: Path) -> bool:
