@@ -22,9 +22,8 @@ EPILOG = """examples:
   torchrun --nproc_per_node 4 -m medautolabel.training Dataset001 -o models/my-model
 See docs/training.md."""
 
-# Command-line options that set a config key: {key: (argparse dest, option)}.
-OPTIONS = {"epochs": ("epochs", "--epochs"), "iterations_per_epoch": ("iterations", "--iterations"),
-           "classification.interval": ("bag_interval", "--bag-interval")}
+# Command-line options that set a config key: {key: argparse dest}.
+OPTIONS = {"epochs": "epochs", "iterations_per_epoch": "iterations", "classification.interval": "bag_interval"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,16 +54,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``medautolabel train`` from parsed arguments; returns the exit status."""
-    from medautolabel.training.config import COUNTS, ConfigError, count_problem, load_config
+    from medautolabel.training.config import load_config
     from medautolabel.training.loop import train
 
     command = "medautolabel train " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
-    overrides = {key: getattr(args, dest) for key, (dest, _) in OPTIONS.items()}
-    try:
-        for key, (_, flag) in OPTIONS.items():
-            problem = count_problem(overrides[key], COUNTS[key])
-            if problem:
-                raise ConfigError(problem, flag)
+    overrides = {key: getattr(args, dest) for key, dest in OPTIONS.items()}
+    try:  # the counts given as options were checked by the parser (positive_int), with the config's wording
         if not args.resume:
             load_config(args.config)  # a broken config fails before any folder is made
         if not args.resume and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 checks, before it writes
