@@ -8,7 +8,7 @@ from pathlib import Path
 
 from medautolabel.cli.parsing import probability
 from medautolabel.cli.progress import CaseBars, say
-from medautolabel.options import LabelOptions
+from medautolabel.options import PRECISIONS, TTA_MODES, LabelOptions
 from medautolabel.text import printable
 
 LABEL_EPILOG = """examples:
@@ -68,9 +68,9 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--format", default="seg.nrrd", choices=["seg.nrrd", "nii.gz"], help="labelmap format")
     p.add_argument("--no-postprocess", action="store_true", help="skip the per-label clean-up of the model card")
     p.add_argument("--low-confidence", type=probability, metavar="T", help="flag segments whose mean confidence is below T")
-    p.add_argument("--tta", choices=["none", "flip", "flip-all"], help="test-time augmentation (default: the model "
+    p.add_argument("--tta", choices=TTA_MODES, help="test-time augmentation (default: the model "
                    "card's; flip = 4 passes, flip-all = 8): more accurate, slower")
-    p.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="the network's arithmetic: auto = float16 on CUDA, bfloat16 on CPUs that compute it natively "
                         "(about 2x faster), float32 otherwise (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="relabel inputs whose outputs already exist")
