@@ -99,19 +99,28 @@ def dice_plot(rows: Sequence[Dict[str, Any]], width: int = 520, height: int = 26
     return "".join(parts)
 
 
+def _unit_square_plot(content: str, aria: str, x_label: str, y_label: str, note: str, note_at: str,
+                      size: int, pad: int = 35) -> str:
+    """An SVG of a 0..1 x 0..1 plot: frame, the dashed diagonal, axis labels, ``content`` (drawn by the caller
+    in the square ``pad``..``size - pad``) and ``note`` in the corner ``note_at`` ("bottom-right" or "top-left")."""
+    s = size - 2 * pad
+    x, y, anchor = (pad + s - 4, pad + s - 8, ' text-anchor="end"') if note_at == "bottom-right" else (pad + 4, pad + 14, "")
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{size}" height="{size}" role="img" aria-label="{aria}">'
+            f'<rect x="{pad}" y="{pad}" width="{s}" height="{s}" fill="none" stroke="#888"/>'
+            f'<line x1="{pad}" y1="{pad + s}" x2="{pad + s}" y2="{pad}" stroke="#ccc" stroke-dasharray="4"/>{content}'
+            f'<text x="{size / 2}" y="{size - 8}" font-size="11" text-anchor="middle">{x_label}</text>'
+            f'<text x="12" y="{size / 2}" font-size="11" text-anchor="middle" '
+            f'transform="rotate(-90 12 {size / 2})">{y_label}</text>'
+            f'<text x="{x}" y="{y}" font-size="12"{anchor}>{note}</text></svg>')
+
+
 def roc_plot(points: Sequence[Sequence[float]], auc: float, size: int = 260) -> str:
     pad = 35
     s = size - 2 * pad
     xy = " ".join(f"{pad + x * s:.1f},{pad + (1 - y) * s:.1f}" for x, y in points)
     label = "AUC n/a" if not math.isfinite(auc) else f"AUC {auc:.3f}"
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{size}" height="{size}" role="img" aria-label="ROC curve">'
-            f'<rect x="{pad}" y="{pad}" width="{s}" height="{s}" fill="none" stroke="#888"/>'
-            f'<line x1="{pad}" y1="{pad + s}" x2="{pad + s}" y2="{pad}" stroke="#ccc" stroke-dasharray="4"/>'
-            f'<polyline points="{xy}" fill="none" stroke="#3b6ea8" stroke-width="2"/>'
-            f'<text x="{size / 2}" y="{size - 8}" font-size="11" text-anchor="middle">false-positive rate</text>'
-            f'<text x="12" y="{size / 2}" font-size="11" text-anchor="middle" '
-            f'transform="rotate(-90 12 {size / 2})">true-positive rate</text>'
-            f'<text x="{pad + s - 4}" y="{pad + s - 8}" font-size="12" text-anchor="end">{label}</text></svg>')
+    return _unit_square_plot(f'<polyline points="{xy}" fill="none" stroke="#3b6ea8" stroke-width="2"/>',
+                             "ROC curve", "false-positive rate", "true-positive rate", label, "bottom-right", size, pad)
 
 
 def reliability_plot(points: Sequence[Dict[str, float]], ece: float, size: int = 260) -> str:
@@ -123,14 +132,8 @@ def reliability_plot(points: Sequence[Dict[str, float]], ece: float, size: int =
     dots = "".join(f'<circle cx="{pad + b["mean_probability"] * s:.1f}" cy="{pad + (1 - b["frequency"]) * s:.1f}" '
                    f'r="{2 + 5 * math.sqrt(b["n"] / most):.1f}" fill="#3b6ea8"/>' for b in points)
     label = "ECE n/a" if not math.isfinite(ece) else f"ECE {ece:.3f}"
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{size}" height="{size}" role="img" '
-            f'aria-label="reliability diagram">'
-            f'<rect x="{pad}" y="{pad}" width="{s}" height="{s}" fill="none" stroke="#888"/>'
-            f'<line x1="{pad}" y1="{pad + s}" x2="{pad + s}" y2="{pad}" stroke="#ccc" stroke-dasharray="4"/>{dots}'
-            f'<text x="{size / 2}" y="{size - 8}" font-size="11" text-anchor="middle">mean predicted probability</text>'
-            f'<text x="12" y="{size / 2}" font-size="11" text-anchor="middle" '
-            f'transform="rotate(-90 12 {size / 2})">observed frequency</text>'
-            f'<text x="{pad + 4}" y="{pad + 14}" font-size="12">{label}</text></svg>')
+    return _unit_square_plot(dots, "reliability diagram", "mean predicted probability", "observed frequency", label,
+                             "top-left", size, pad)
 
 
 def confusion_plot(confusion: Sequence[Sequence[int]], classes: Sequence[str], size: int = 220) -> str:
