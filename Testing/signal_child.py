@@ -33,8 +33,7 @@ def hold_at(point: str, mark: Path) -> None:
         if run_first:
             original(*args, **kwargs)
         mark.touch()
-        while True:
-            signal.pause()
+        signal.pause()  # returns once a handler ran: where signals are held, the command goes on to act on it
 
     setattr(module, name, held)
 

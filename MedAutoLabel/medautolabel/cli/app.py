@@ -9,11 +9,12 @@ is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
 import signal
 import sys
-from typing import Any, List, Optional
+from typing import Any, Iterator, List, Optional
 
 from medautolabel import __version__
 from medautolabel.cli.parsing import OneLineParser
@@ -77,7 +78,10 @@ def _dispatch(argv: List[str]) -> int:
     if args.command in MONAI_COMMANDS:
         from medautolabel.runtime.monai_import import import_lean
 
-        import_lean()
+        with signals_held():  # torch, MONAI, scipy, SimpleITK: imported whole or not at all
+            import_lean()
+            for name in PRELOAD.get(args.command, ()):
+                importlib.import_module(name)
     if getattr(args, "seed", 0) is None:
         from medautolabel.synthetic.phantoms import DEMO_SEED
 
@@ -87,13 +91,45 @@ def _dispatch(argv: List[str]) -> int:
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
+# The packages a command imports anyway, imported at start-up while signals are held (``signals_held``).
+PRELOAD = {"label": ("medautolabel.labelling.batch", "medautolabel.labelling.pipeline", "SimpleITK"),
+           "demo": ("medautolabel.synthetic.demo", "medautolabel.labelling.pipeline", "SimpleITK"),
+           "batch": ("medautolabel.labelling.cluster_batch",),
+           "train": ("medautolabel.training.loop",),
+           "evaluate": ("medautolabel.evaluation.evaluate",)}
+
+_held: List[BaseException] = []  # while signals are held: the interrupt to raise once they are let go
+_holding = [False]
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Act on SIGINT/SIGTERM only when the block has ended (in a process whose handlers ``run`` installed).
+
+    An import cut short by an exception leaves half-made modules behind (numpy, torch and scipy then
+    fail later in odd ways, or exit by the signal instead of with one line), and some imports swallow
+    the exception in callbacks, so Ctrl-C is lost. The block runs whole; the interrupt follows it.
+    """
+    _holding[0] = True
+    try:
+        yield
+    finally:
+        _holding[0] = False
+    if _held:
+        raise _held.pop()
+
 
 def _stop(signum: int, frame: Any) -> None:
-    """Signal handler: the first SIGINT or SIGTERM becomes an exception in the main thread; later ones
-    are ignored, so a second Ctrl-C cannot interrupt the clean-up (the ``finally`` blocks) it started."""
+    """Signal handler: the first SIGINT or SIGTERM becomes an exception in the main thread (held while
+    ``signals_held``); later ones are ignored, so a second Ctrl-C cannot interrupt the clean-up (the
+    ``finally`` blocks) it started."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
-    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
+    interrupt = KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+    if _holding[0]:
+        _held.append(interrupt)
+        return
+    raise interrupt
 
 
 def run() -> None:
