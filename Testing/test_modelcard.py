@@ -77,7 +77,7 @@ BROKEN = [
     ("classification.0.classes", ["absent"], "classification[0].classes", "expected 2 different names"),
     ("classification.0.channel", 7, "classification[0].channel", "network has 4 output channels"),
     ("classification.0.channel", 1, "classification[0].channel", "one of the softmax channels"),
-    ("classification.0.method", "max", "classification[0].method", "expected \"voxel_evidence\""),
+    ("classification.0.method", "max", "classification[0].method", "expected one of voxel_evidence, network"),
     ("low_confidence_threshold", 1.5, "low_confidence_threshold", "expected a number in 0.0..1.0"),
     ("provenance", "me", "provenance", "expected an object"),
 ]

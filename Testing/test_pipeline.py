@@ -192,7 +192,7 @@ def test_state_dict_unet_model_runs_and_is_cached(tmp_path, monkeypatch):
     network_module.clear_cache()
     first = label_image(phantom(speck=False), "tiny-unet", device="cpu")
     loaded = []
-    monkeypatch.setattr(network_module, "load_uncached", lambda *a: loaded.append(a))
+    monkeypatch.setattr(network_module, "_load_uncached", lambda *a: loaded.append(a))
     second = label_image(phantom(speck=False), "tiny-unet", device="cpu")
     assert loaded == []  # the second run reused the cached network
     np.testing.assert_array_equal(first.labelmap.array, second.labelmap.array)

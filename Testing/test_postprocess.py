@@ -9,7 +9,7 @@ from cardfactory import card_dict
 
 from medautolabel.catalog.modelcard import ModelCard
 from medautolabel.image import make_ijk_to_ras
-from medautolabel.labelling.classify import classify, gaussian_in_threads
+from medautolabel.labelling.classify import classify, evidence_scores, gaussian_in_threads
 from medautolabel.labelling.postprocess import postprocess
 from medautolabel.labelling.preprocess import Prepared
 
@@ -93,19 +93,24 @@ def test_outside_the_crop_is_background():
     np.testing.assert_array_equal(lab.ijk_to_ras, M)
 
 
+def tags(logits, prep, c):
+    """The card's voxel_evidence tags for ``logits`` as label_image makes them."""
+    return classify(c, None, None, torch.device("cpu"), evidence_scores(logits, prep, c))
+
+
 def test_voxel_evidence_prefers_a_coherent_finding_to_one_hot_voxel():
     c = card()
     hot = torch.full((4,) + SHAPE, -8.0)
     hot[3, 5, 5, 5] = 8.0
     blob = torch.full((4,) + SHAPE, -8.0)
     blob[3, 2:8, 2:10, 1:13] = 8.0  # about 12 x 8 x 6 mm
-    p_hot = classify(hot, prepared(), c)[0]
-    p_blob = classify(blob, prepared(), c)[0]
+    p_hot = tags(hot, prepared(), c)[0]
+    p_blob = tags(blob, prepared(), c)[0]
     assert p_blob.label == "present" and p_blob.probability > 0.95
     assert p_hot.probabilities["present"] < p_blob.probabilities["present"] - 0.2
     unsmoothed = card_dict()
     unsmoothed["classification"][0]["smoothing_mm"] = 0
-    assert classify(hot, prepared(), ModelCard.from_dict(unsmoothed))[0].probabilities["present"] > 0.99
+    assert tags(hot, prepared(), ModelCard.from_dict(unsmoothed))[0].probabilities["present"] > 0.99
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

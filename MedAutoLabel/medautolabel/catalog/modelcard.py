@@ -19,6 +19,11 @@ from medautolabel.result import Code, Terminology
 
 FORMAT = "medautolabel-model/1"
 ARCHITECTURES = ("UNet", "SegResNet", "DynUNet", "BasicUNet", "TorchScript")  # TorchScript: the weights are the network
+# whole-volume classifiers (MONAI, spatial_dims 3) a classification task may run
+CLASSIFIER_ARCHITECTURES = ("DenseNet121", "ResNet", "SEResNet50", "EfficientNetBN", "TorchScript")
+CLASSIFIER_METHODS = ("voxel_evidence", "network")
+REGIONS = ("whole", "segment", "components")  # what a classifier network looks at
+COMBINE = ("max", "mean")  # how the answers for several regions (components) become one
 MODALITIES = ("CT", "MR", "PT", "US", "XA", "OTHER")
 _AXIS_PAIRS = ({"R", "L"}, {"A", "P"}, {"S", "I"})
 
@@ -91,15 +96,55 @@ class LabelSpec:
 
 
 @dataclass
+class ClassifierInput:
+    """What a classifier network looks at, resampled to ``shape`` (k, j, i voxels of the card's orientation).
+
+    ``region``: "whole" (the image, cropped to the foreground when the card crops), "segment" (a
+    box around the model's own segment ``segment``) or "components" (a box around each connected
+    component of it, classified one by one and combined by ``combine``); ``margin_mm`` widens a
+    segment's box on every side. ``spacing`` (mm, i, j, k): a box of ``shape`` voxels at this
+    spacing centred on the region instead of the region squeezed into ``shape``. ``channels``:
+    the network's input channels (default: the card's ``input.channels``).
+    """
+
+    region: str
+    shape: Tuple[int, int, int]
+    spacing: Optional[Tuple[float, float, float]] = None
+    segment: Optional[str] = None
+    margin_mm: float = 10.0
+    combine: str = "max"
+    channels: Optional[List[InputChannel]] = None
+
+
+@dataclass
 class ClassificationTask:
+    """One image-level task. ``method`` "voxel_evidence": read out the segmentation network's
+    ``channel``; "network": a classifier network (``network`` + ``input``) with ``activation``
+    "softmax" (``classes`` mutually exclusive) or "sigmoid" (each class an independent finding).
+    ``temperature`` divides the logits (calibration); ``thresholds`` are per-class decision
+    thresholds on the calibrated probability (docs/model-card.md says how they decide)."""
+
     task: str
-    classes: Tuple[str, str]  # (absent, present)
-    channel: int
+    classes: Tuple[str, ...]  # voxel_evidence: (absent, present)
+    channel: Optional[int] = None
     method: str = "voxel_evidence"
     activation: str = "sigmoid"
     smoothing_mm: float = 1.0
     # False when the tag missed its validation targets: every output of it says "not validated"
     validated: bool = True
+    network: Optional[NetworkSpec] = None
+    input: Optional[ClassifierInput] = None
+    temperature: float = 1.0
+    thresholds: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def out_channels(self) -> Optional[int]:
+        """The classifier network's number of outputs, when its parameters say so."""
+        if self.network is None:
+            return None
+        p = self.network.parameters
+        v = p.get("out_channels", p.get("num_classes"))
+        return int(v) if isinstance(v, int) and not isinstance(v, bool) else None
 
 
 @dataclass
@@ -112,9 +157,9 @@ class ModelCard:
     modality: str
     input: List[InputChannel]
     preprocessing: Preprocessing
-    network: NetworkSpec
-    inference: InferenceSpec
-    segmentation: SegmentationSpec
+    network: Optional[NetworkSpec]  # None: a classification-only model (labels nothing)
+    inference: Optional[InferenceSpec]
+    segmentation: Optional[SegmentationSpec]
     labels: List[LabelSpec]
     classification: List[ClassificationTask] = field(default_factory=list)
     low_confidence_threshold: float = 0.5
@@ -129,9 +174,20 @@ class ModelCard:
         return None if self.path is None else self.path.parent
 
     @property
+    def segments(self) -> bool:
+        """True when the model has a segmentation network (False: classification only)."""
+        return self.network is not None
+
+    @property
     def weights_path(self) -> Path:
+        if self.network is None:
+            raise ModelError("the model has no segmentation network", self.path)
+        return self.file(self.network.weights)
+
+    def file(self, name: str) -> Path:
+        """A file of the model folder (weights of the network or of a classifier)."""
         folder = self.folder if self.folder is not None else Path(".")
-        return folder / self.network.weights
+        return folder / name
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> ModelCard:
@@ -169,8 +225,7 @@ class ModelCard:
             "version": self.version,
             "description": self.description,
             "modality": self.modality,
-            "input": {"channels": [_drop_none({"name": c.name, "window": _lst(c.window),
-                                               "percentiles": _lst(c.percentiles)}) for c in self.input]},
+            "input": {"channels": _channels_dict(self.input)},
             "preprocessing": {
                 "orientation": pre.orientation,
                 "spacing": _lst(pre.spacing),
@@ -178,24 +233,20 @@ class ModelCard:
                     "threshold": pre.crop_foreground.threshold, "margin_mm": pre.crop_foreground.margin_mm},
                 "axis_order": pre.axis_order,
             },
-            "network": _drop_none({"architecture": self.network.architecture,
-                                   "parameters": dict(self.network.parameters),
-                                   "weights": self.network.weights, "sha256": self.network.sha256}),
-            "inference": {"roi_size": list(self.inference.roi_size), "overlap": self.inference.overlap,
-                          "sw_batch_size": self.inference.sw_batch_size, "blend": self.inference.blend,
-                          "tta": self.inference.tta},
-            "segmentation": {"activation": self.segmentation.activation,
-                             "channels": self.segmentation.channels},
+            "network": None if self.network is None else _network_dict(self.network),
+            "inference": None if self.inference is None else {
+                "roi_size": list(self.inference.roi_size), "overlap": self.inference.overlap,
+                "sw_batch_size": self.inference.sw_batch_size, "blend": self.inference.blend,
+                "tta": self.inference.tta},
+            "segmentation": None if self.segmentation is None else {
+                "activation": self.segmentation.activation, "channels": self.segmentation.channels},
             "labels": [{
                 "value": lab.value, "channel": lab.channel, "name": lab.name, "color": list(lab.color),
                 "terminology": _terminology_dict(lab.terminology),
                 "postprocessing": {"min_size_mm3": lab.postprocessing.min_size_mm3,
                                    "largest_component": lab.postprocessing.largest_component},
             } for lab in self.labels],
-            "classification": [{
-                "task": t.task, "classes": list(t.classes), "method": t.method, "channel": t.channel,
-                "activation": t.activation, "smoothing_mm": t.smoothing_mm, "validated": t.validated,
-            } for t in self.classification],
+            "classification": [_task_dict(t) for t in self.classification],
             "low_confidence_threshold": self.low_confidence_threshold,
             "provenance": dict(self.provenance),
             "metrics": dict(self.metrics),
@@ -204,11 +255,14 @@ class ModelCard:
     @property
     def channels_per_voxel(self) -> int:
         """Input plus output channels: what one network-grid voxel costs (x 4 bytes) through inference."""
-        return len(self.input) + (self.out_channels or self.segmentation.channels or 1)
+        seg = self.segmentation.channels if self.segmentation is not None else 0
+        return len(self.input) + (self.out_channels or seg or 1)
 
     @property
     def out_channels(self) -> Optional[int]:
         """The network's number of output channels, when its parameters say so."""
+        if self.network is None:
+            return None
         p = self.network.parameters
         v = p.get("out_channels", p.get("num_classes"))
         return int(v) if isinstance(v, int) and not isinstance(v, bool) else None
@@ -227,6 +281,33 @@ def _drop_none(d: Dict[str, Any]) -> Dict[str, Any]:
 
 def _code_dict(c: Optional[Code]) -> Optional[Dict[str, str]]:
     return None if c is None else {"scheme": c.scheme, "value": c.value, "meaning": c.meaning}
+
+
+def _network_dict(n: NetworkSpec) -> Dict[str, Any]:
+    return _drop_none({"architecture": n.architecture, "parameters": dict(n.parameters), "weights": n.weights,
+                       "sha256": n.sha256})
+
+
+def _channels_dict(channels: Sequence[InputChannel]) -> List[Dict[str, Any]]:
+    return [_drop_none({"name": c.name, "window": _lst(c.window), "percentiles": _lst(c.percentiles)})
+            for c in channels]
+
+
+def _task_dict(t: ClassificationTask) -> Dict[str, Any]:
+    out: Dict[str, Any] = {"task": t.task, "classes": list(t.classes), "method": t.method,
+                           "activation": t.activation, "validated": t.validated}
+    if t.method == "voxel_evidence":
+        out.update(channel=t.channel, smoothing_mm=t.smoothing_mm)
+    else:
+        i = t.input
+        out["network"] = _network_dict(t.network)
+        out["input"] = _drop_none({"region": i.region, "shape": list(i.shape), "spacing": _lst(i.spacing),
+                                   "segment": i.segment, "margin_mm": i.margin_mm, "combine": i.combine,
+                                   "channels": None if i.channels is None else _channels_dict(i.channels)})
+        out["temperature"] = t.temperature
+    if t.thresholds:
+        out["thresholds"] = dict(t.thresholds)
+    return out
 
 
 def _terminology_dict(t: Terminology) -> Dict[str, Any]:
@@ -347,22 +428,33 @@ def _parse_card(c: _Ctx, data: Any) -> ModelCard:
     if modality not in MODALITIES:
         raise c.fail("modality", f"expected one of {', '.join(MODALITIES)}, got {_short(d['modality'])}")
 
-    channels = _parse_input(c, c.obj(c.get(d, "input", ""), "input", ["channels"]), modality)
+    channels = _parse_input(c, c.obj(c.get(d, "input", ""), "input", ["channels"]), "input")
     pre = _parse_preprocessing(c, c.obj(c.get(d, "preprocessing", "", {}), "preprocessing",
                                         ["orientation", "spacing", "crop_foreground", "axis_order"]))
-    net = _parse_network(c, c.obj(c.get(d, "network", ""), "network",
-                                  ["architecture", "parameters", "weights", "sha256"]))
-    inf = _parse_inference(c, c.obj(c.get(d, "inference", ""), "inference",
-                                    ["roi_size", "overlap", "sw_batch_size", "blend", "tta"]))
-    seg = _parse_segmentation(c, c.obj(c.get(d, "segmentation", ""), "segmentation",
-                                       ["activation", "channels"]))
-    labels_raw = c.get(d, "labels", "")
-    if not isinstance(labels_raw, list) or not labels_raw:
+    net = inf = seg = None
+    if d.get("network") is not None:
+        net = _parse_network(c, c.obj(d["network"], "network", ["architecture", "parameters", "weights", "sha256"]),
+                             "network", ARCHITECTURES)
+        inf = _parse_inference(c, c.obj(c.get(d, "inference", ""), "inference",
+                                        ["roi_size", "overlap", "sw_batch_size", "blend", "tta"]))
+        seg = _parse_segmentation(c, c.obj(c.get(d, "segmentation", ""), "segmentation",
+                                           ["activation", "channels"]))
+    else:  # a classification-only model: no segmentation network, so nothing that describes one
+        for key in ("inference", "segmentation"):
+            if d.get(key) is not None:
+                raise c.fail(key, "given, but the model has no 'network' (a classification-only model has "
+                                  "no segmentation settings)")
+    labels_raw = c.get(d, "labels", "", [] if net is None else _MISSING)
+    if not isinstance(labels_raw, list) or (net is not None and not labels_raw):
         raise c.fail("labels", f"expected a non-empty list, got {_kind(labels_raw)}")
+    if net is None and labels_raw:
+        raise c.fail("labels", "given, but the model has no segmentation 'network' to make them")
     labels = [_parse_label(c, x, f"labels[{n}]") for n, x in enumerate(labels_raw)]
     tasks_raw = c.get(d, "classification", "", [])
     if not isinstance(tasks_raw, list):
         raise c.fail("classification", f"expected a list, got {_kind(tasks_raw)}")
+    if net is None and not tasks_raw:
+        raise c.fail("network", "missing (a model needs a segmentation network, classification tasks, or both)")
     tasks = [_parse_task(c, x, f"classification[{n}]") for n, x in enumerate(tasks_raw)]
 
     card = ModelCard(
@@ -389,13 +481,15 @@ def _parse_card(c: _Ctx, data: Any) -> ModelCard:
     return card
 
 
-def _parse_input(c: _Ctx, d: Dict[str, Any], modality: str) -> List[InputChannel]:
-    raw = c.get(d, "channels", "input")
+def _parse_input(c: _Ctx, d: Dict[str, Any], at: str) -> List[InputChannel]:
+    raw = c.get(d, "channels", at)
     if not isinstance(raw, list) or not raw:
-        raise c.fail("input.channels", f"expected a non-empty list, got {_kind(raw)}")
+        raise c.fail(f"{at}.channels", f"expected a non-empty list, got {_kind(raw)}")
+    if len(raw) > MAX_CHANNELS:
+        raise c.fail(f"{at}.channels", f"expected at most {MAX_CHANNELS} channels, got {len(raw)}")
     out = []
     for n, item in enumerate(raw):
-        where = f"input.channels[{n}]"
+        where = f"{at}.channels[{n}]"
         e = c.obj(item, where, ["name", "window", "percentiles"])
         window = c.numbers(e, "window", where, 2, "numbers [low, high] with low < high", None)
         pct = c.numbers(e, "percentiles", where, 2, "numbers [lower, upper] in 0..100", None,
@@ -438,19 +532,19 @@ def _parse_preprocessing(c: _Ctx, d: Dict[str, Any]) -> Preprocessing:
     )
 
 
-def _parse_network(c: _Ctx, d: Dict[str, Any]) -> NetworkSpec:
-    arch = c.text(d, "architecture", "network")
-    if arch not in ARCHITECTURES:
-        raise c.fail("network.architecture", f"expected one of {', '.join(ARCHITECTURES)}, got {_short(arch)}")
-    params = c.obj(c.get(d, "parameters", "network", {}), "network.parameters")
-    weights = c.text(d, "weights", "network")
+def _parse_network(c: _Ctx, d: Dict[str, Any], w: str, architectures: Sequence[str]) -> NetworkSpec:
+    arch = c.text(d, "architecture", w)
+    if arch not in architectures:
+        raise c.fail(f"{w}.architecture", f"expected one of {', '.join(architectures)}, got {_short(arch)}")
+    params = c.obj(c.get(d, "parameters", w, {}), f"{w}.parameters")
+    weights = c.text(d, "weights", w)
     p = PurePosixPath(weights.replace("\\", "/"))
     if p.is_absolute() or ".." in p.parts or ":" in weights:
-        raise c.fail("network.weights", "expected a file name inside the model folder")
-    sha = c.get(d, "sha256", "network", None)
+        raise c.fail(f"{w}.weights", "expected a file name inside the model folder")
+    sha = c.get(d, "sha256", w, None)
     if sha is not None:
         if not isinstance(sha, str) or len(sha) != 64 or any(ch not in "0123456789abcdefABCDEF" for ch in sha):
-            raise c.fail("network.sha256", f"expected 64 hexadecimal digits, got {_short(sha)}")
+            raise c.fail(f"{w}.sha256", f"expected 64 hexadecimal digits, got {_short(sha)}")
         sha = sha.lower()
     return NetworkSpec(arch, dict(params), weights, sha)
 
@@ -514,30 +608,106 @@ def _parse_label(c: _Ctx, v: Any, where: str) -> LabelSpec:
     )
 
 
+_TASK_FIELDS = ["task", "classes", "method", "channel", "activation", "smoothing_mm", "validated", "network", "input",
+                "temperature", "thresholds"]
+
+
 def _parse_task(c: _Ctx, v: Any, where: str) -> ClassificationTask:
-    d = c.obj(v, where, ["task", "classes", "method", "channel", "activation", "smoothing_mm", "validated"])
-    classes = c.get(d, "classes", where)
-    if not (isinstance(classes, list) and len(classes) == 2 and all(isinstance(x, str) and x for x in classes)
-            and classes[0] != classes[1]):
-        raise c.fail(f"{where}.classes", f"expected 2 different names [absent, present], got {_short(classes)}")
+    d = c.obj(v, where, _TASK_FIELDS)
     method = c.text(d, "method", where, "voxel_evidence")
-    if method != "voxel_evidence":
-        raise c.fail(f"{where}.method", f"expected \"voxel_evidence\", got {_short(method)}")
-    act = c.text(d, "activation", where, "sigmoid")
-    if act != "sigmoid":
-        raise c.fail(f"{where}.activation", f"expected \"sigmoid\", got {_short(act)}")
+    if method not in CLASSIFIER_METHODS:
+        raise c.fail(f"{where}.method", f"expected one of {', '.join(CLASSIFIER_METHODS)}, got {_short(method)}")
+    classes = c.get(d, "classes", where)
+    if method == "voxel_evidence":
+        ok = isinstance(classes, list) and len(classes) == 2
+        wanted = "2 different names [absent, present]"
+    else:
+        ok = isinstance(classes, list) and 1 <= len(classes) <= MAX_CHANNELS
+        wanted = "a list of different class names"
+    if not (ok and all(isinstance(x, str) and x.strip() for x in classes) and len(set(classes)) == len(classes)):
+        raise c.fail(f"{where}.classes", f"expected {wanted}, got {_short(classes)}")
     validated = c.get(d, "validated", where, True)
     if not isinstance(validated, bool):
         raise c.fail(f"{where}.validated", f"expected true or false, got {_kind(validated)}")
+    act = c.text(d, "activation", where, "sigmoid" if method == "voxel_evidence" else "softmax")
+    thresholds = _parse_thresholds(c, c.get(d, "thresholds", where, {}), f"{where}.thresholds", classes)
+    if method == "voxel_evidence":
+        if act != "sigmoid":
+            raise c.fail(f"{where}.activation", f"expected \"sigmoid\", got {_short(act)}")
+        for key in ("network", "input", "temperature"):
+            if d.get(key) is not None:
+                raise c.fail(f"{where}.{key}", "is for method \"network\", not \"voxel_evidence\"")
+        return ClassificationTask(
+            task=c.text(d, "task", where), classes=tuple(classes),
+            channel=c.integer(d, "channel", where, lo=0), method=method, activation=act,
+            smoothing_mm=c.number(d, "smoothing_mm", where, 1.0, lo=0.0, hi=1e3), validated=validated,
+            thresholds=thresholds)
+    for key in ("channel", "smoothing_mm"):
+        if d.get(key) is not None:
+            raise c.fail(f"{where}.{key}", "is for method \"voxel_evidence\", not \"network\"")
+    if act not in ("softmax", "sigmoid"):
+        raise c.fail(f"{where}.activation", f"expected \"softmax\" or \"sigmoid\", got {_short(act)}")
+    if act == "softmax" and len(classes) < 2:
+        raise c.fail(f"{where}.classes", "softmax needs at least 2 classes (one finding alone: \"sigmoid\")")
+    net = _parse_network(c, c.obj(c.get(d, "network", where), f"{where}.network",
+                                  ["architecture", "parameters", "weights", "sha256"]),
+                         f"{where}.network", CLASSIFIER_ARCHITECTURES)
+    if net.parameters.get("pretrained"):
+        raise c.fail(f"{where}.network.parameters.pretrained", "expected false: weights come from the model "
+                                                                "folder, never downloaded")
+    temperature = c.number(d, "temperature", where, 1.0)
+    if temperature <= 0:
+        raise c.fail(f"{where}.temperature", f"expected a number > 0, got {d['temperature']}")
     return ClassificationTask(
-        task=c.text(d, "task", where), classes=(classes[0], classes[1]),
-        channel=c.integer(d, "channel", where, lo=0), method=method, activation=act,
-        smoothing_mm=c.number(d, "smoothing_mm", where, 1.0, lo=0.0, hi=1e3), validated=validated,
-    )
+        task=c.text(d, "task", where), classes=tuple(classes), method=method, activation=act, validated=validated,
+        network=net, input=_parse_classifier_input(c, c.obj(c.get(d, "input", where), f"{where}.input", [
+            "region", "shape", "spacing", "segment", "margin_mm", "combine", "channels"]), f"{where}.input"),
+        temperature=temperature, thresholds=thresholds)
+
+
+def _parse_thresholds(c: _Ctx, v: Any, where: str, classes: Sequence[str]) -> Dict[str, float]:
+    d = c.obj(v, where)
+    out = {}
+    for name in d:
+        if name not in classes:
+            raise c.fail(f"{where}.{name}", f"is not one of the task's classes ({', '.join(classes)})")
+        value = c.number(d, name, where)
+        if not 0 < value < 1:
+            raise c.fail(f"{where}.{name}", f"expected a probability between 0 and 1 (exclusive), got {value}")
+        out[name] = value
+    return out
+
+
+def _parse_classifier_input(c: _Ctx, d: Dict[str, Any], w: str) -> ClassifierInput:
+    region = c.text(d, "region", w, "whole")
+    if region not in REGIONS:
+        raise c.fail(f"{w}.region", f"expected one of {', '.join(REGIONS)}, got {_short(region)}")
+    shape = c.get(d, "shape", w)
+    if not (isinstance(shape, list) and len(shape) == 3 and all(
+            isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= 1024 for x in shape)):
+        raise c.fail(f"{w}.shape", f"expected 3 integers in 1..1024 (voxels k, j, i), got {_short(shape)}")
+    segment = c.text(d, "segment", w, None)
+    if region == "whole" and segment is not None:
+        raise c.fail(f"{w}.segment", "given, but region \"whole\" looks at the whole image")
+    if region != "whole" and segment is None:
+        raise c.fail(f"{w}.segment", f"missing (region {region!r} is a box around one of the model's segments)")
+    combine = c.text(d, "combine", w, "max")
+    if combine not in COMBINE:
+        raise c.fail(f"{w}.combine", f"expected one of {', '.join(COMBINE)}, got {_short(combine)}")
+    channels = None
+    if d.get("channels") is not None:
+        channels = _parse_input(c, d, w)
+    return ClassifierInput(
+        region=region, shape=tuple(shape),
+        spacing=c.numbers(d, "spacing", w, 3, "numbers > 0 (mm)", None, check=lambda x: 0 < x <= 1e3),
+        segment=segment, margin_mm=c.number(d, "margin_mm", w, 10.0, lo=0.0, hi=1e3), combine=combine,
+        channels=channels)
 
 
 def _check_sizes(c: _Ctx, card: ModelCard) -> None:
     """Refuse channel counts no network has and windows this machine could never hold, before any allocation."""
+    if card.network is None or card.inference is None:
+        return
     params = card.network.parameters
     for key in ("in_channels", "out_channels", "num_classes"):
         v = params.get(key)
@@ -555,6 +725,9 @@ def _check_sizes(c: _Ctx, card: ModelCard) -> None:
 
 def _check_consistency(c: _Ctx, card: ModelCard) -> None:
     """Cross-field checks: channel numbers fit the network, label values and names are unique."""
+    _check_classifiers(c, card)
+    if card.network is None or card.segmentation is None:
+        return
     params = card.network.parameters
     in_ch = params.get("in_channels")
     if isinstance(in_ch, int) and in_ch != len(card.input):
@@ -583,8 +756,47 @@ def _check_consistency(c: _Ctx, card: ModelCard) -> None:
         if out_ch is not None and lab.channel >= out_ch:
             raise c.fail(f"{w}.channel", f"is {lab.channel} but the network has {out_ch} output channels")
     for n, t in enumerate(card.classification):
+        if t.method != "voxel_evidence":
+            continue
         w = f"classification[{n}].channel"
         if out_ch is not None and t.channel >= out_ch:
             raise c.fail(w, f"is {t.channel} but the network has {out_ch} output channels")
         if seg.activation == "softmax" and t.channel < seg.channels:
             raise c.fail(w, f"is {t.channel}, one of the softmax channels 0..{seg.channels - 1}")
+
+
+def _check_classifiers(c: _Ctx, card: ModelCard) -> None:
+    """Classifier tasks: unique names, their segment exists, channel and class counts fit the network."""
+    seen = set()
+    names = {lab.name for lab in card.labels}
+    for n, t in enumerate(card.classification):
+        w = f"classification[{n}]"
+        if t.task in seen:
+            raise c.fail(f"{w}.task", f"task {t.task!r} used twice")
+        seen.add(t.task)
+        if t.method == "voxel_evidence":
+            if card.network is None:
+                raise c.fail(f"{w}.method", "\"voxel_evidence\" reads the segmentation network, which this model "
+                                            "does not have")
+            continue
+        if t.input.segment is not None and t.input.segment not in names:
+            known = ", ".join(sorted(names)) or "none: the model has no segmentation"
+            raise c.fail(f"{w}.input.segment", f"{t.input.segment!r} is not one of the model's segments ({known})")
+        params = t.network.parameters
+        channels = len(t.input.channels or card.input)
+        for key in ("in_channels", "n_input_channels"):
+            v = params.get(key)
+            if v is not None and v != channels:
+                raise c.fail(f"{w}.network.parameters.{key}", f"is {_short(v)} but the classifier gets {channels} "
+                                                                 "input channel(s)")
+        out = t.out_channels
+        if t.network.architecture != "TorchScript" and out is None:
+            raise c.fail(f"{w}.network.parameters", "expected 'out_channels' or 'num_classes' (one output per class)")
+        if out is not None and out != len(t.classes):
+            raise c.fail(f"{w}.classes", f"lists {len(t.classes)} class(es) but the network has {out} output(s) "
+                                         f"(one per class)")
+        if params.get("spatial_dims", 3) != 3:
+            raise c.fail(f"{w}.network.parameters.spatial_dims", f"expected 3, got {_short(params['spatial_dims'])}")
+        nbytes = voxel_count(t.input.shape) * channels * 4
+        if exceeds_memory(nbytes * 8):
+            raise c.fail(f"{w}.input.shape", memory_problem(nbytes * 8, f"a classifier input of {t.input.shape}"))

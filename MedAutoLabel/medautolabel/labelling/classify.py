@@ -1,16 +1,24 @@
-"""Image-level classification from the network's evidence channels (model card ``classification``)."""
+"""Image-level classification (model card ``classification``): the segmentation network's evidence
+channels ("voxel_evidence") or classifier networks ("network") on the image or on boxes around a
+segment (classifier_input.py), calibrated by temperature and decided by per-class thresholds."""
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 from scipy import ndimage
 
 from medautolabel.catalog.modelcard import ClassificationTask, ModelCard
+from medautolabel.errors import ModelError
+from medautolabel.image import Image
+from medautolabel.labelling.classifier_input import Region, classifier_inputs
 from medautolabel.labelling.preprocess import Prepared, in_slabs, worker_threads
 from medautolabel.result import Classification
+from medautolabel.runtime.device import float32_arithmetic
+from medautolabel.runtime.network import first_output
+from medautolabel.text import printable
 
 
 def gaussian_in_threads(volume: np.ndarray, sigma: Sequence[float], threads: Optional[int] = None) -> np.ndarray:
@@ -43,17 +51,96 @@ def voxel_evidence(logits: torch.Tensor, task: ClassificationTask, spacing_mm) -
     return float(np.clip(evidence.max(), 0.0, 1.0)) if evidence.size else 0.0
 
 
-def classify(logits: torch.Tensor, prepared: Prepared, card: ModelCard,
-             low_confidence_threshold: Optional[float] = None) -> List[Classification]:
-    """One Classification per card task (``logits``: (C, *spatial) on the network grid; left unchanged)."""
+def evidence_scores(logits: torch.Tensor, prepared: Prepared, card: ModelCard) -> Dict[str, float]:
+    """{task: probability of its second class} for the card's "voxel_evidence" tasks (logits unchanged)."""
+    return {t.task: voxel_evidence(logits, t, prepared.tensor_spacing) for t in card.classification
+            if t.method == "voxel_evidence"}
+
+
+def decide(task: ClassificationTask, probabilities: Dict[str, float]) -> str:
+    """The class a task reports for mutually exclusive ``probabilities`` (every class of the task).
+
+    The most probable of the classes whose ``thresholds`` entry is reached; when none is reached,
+    the most probable class without a threshold (all classes have one: the most probable overall).
+    Without thresholds this is the most probable class; a binary task with ``{"present": 0.3}``
+    says "present" from 0.3 up.
+    """
+    reached = [c for c in task.classes if c in task.thresholds and probabilities[c] >= task.thresholds[c]]
+    pool = reached or [c for c in task.classes if c not in task.thresholds] or list(task.classes)
+    return max(pool, key=lambda c: (probabilities[c], -task.classes.index(c)))
+
+
+def _tag(task: ClassificationTask, name: str, probabilities: Dict[str, float], label: str,
+         threshold: float) -> Classification:
+    p = float(probabilities[label])
+    return Classification(task=name, label=label, probability=p, probabilities=dict(probabilities),
+                          low_confidence=p < threshold, method=task.method, validated=task.validated)
+
+
+def network_probabilities(task: ClassificationTask, regions: Sequence[Region], network: torch.nn.Module,
+                          device: torch.device) -> np.ndarray:
+    """(regions, classes) calibrated probabilities: logits / temperature, then softmax or sigmoid (float32)."""
+    batch = torch.stack([r.tensor for r in regions]).to(device)
+    with torch.inference_mode(), float32_arithmetic():
+        logits = first_output(network(batch)).float().reshape(len(regions), -1)
+    if logits.shape[1] != len(task.classes):
+        raise ModelError(f"classifier {printable(task.task)!r} gives {logits.shape[1]} outputs for "
+                         f"{len(task.classes)} classes", None)
+    logits = logits / float(task.temperature)
+    probs = torch.softmax(logits, dim=1) if task.activation == "softmax" else torch.sigmoid(logits)
+    return probs.cpu().numpy().astype(np.float64)
+
+
+def combine(task: ClassificationTask, probabilities: np.ndarray) -> np.ndarray:
+    """One probability row from several regions: their mean, or (``max``) the most abnormal region's row.
+
+    For softmax "most abnormal" is the region least likely to be the first class (e.g. "absent"),
+    so that one component with a finding makes the image's finding; for sigmoid each finding
+    takes its maximum over the regions.
+    """
+    if task.input.combine == "mean":
+        return probabilities.mean(axis=0)
+    if task.activation == "sigmoid":
+        return probabilities.max(axis=0)
+    return probabilities[int(np.argmin(probabilities[:, 0]))]
+
+
+def classify(card: ModelCard, image: Image, labelmap: Optional[Image], device: torch.device,
+             evidence: Optional[Dict[str, float]] = None, low_confidence_threshold: Optional[float] = None,
+             networks: Optional[Callable[[ClassificationTask], torch.nn.Module]] = None) -> List[Classification]:
+    """One Classification per card task (per finding for sigmoid tasks), in the card's order.
+
+    ``evidence``: ``evidence_scores`` of the segmentation run (voxel_evidence tasks). Network tasks
+    look at ``image`` (and ``labelmap``, the model's segmentation on the image's grid, for region
+    tasks); ``networks(task)`` gives a task's loaded network (default: ``runtime.network.load_classifier``).
+    A region task whose segment is absent reports its first class with probability 1 (nothing to
+    classify). A sigmoid task gives one tag per class, named "<task>/<class>", with classes
+    absent/present.
+    """
+    from medautolabel.runtime.network import load_classifier
+
     threshold = card.low_confidence_threshold if low_confidence_threshold is None else low_confidence_threshold
-    out = []
+    out: List[Classification] = []
     for task in card.classification:
-        present = voxel_evidence(logits, task, prepared.tensor_spacing)
-        absent_name, present_name = task.classes
-        probs = {absent_name: 1.0 - present, present_name: present}
-        label = present_name if present > 0.5 else absent_name
-        out.append(Classification(task=task.task, label=label, probability=probs[label], probabilities=probs,
-                                  low_confidence=probs[label] < threshold, method=task.method,
-                                  validated=task.validated))
+        if task.method == "voxel_evidence":
+            present = float((evidence or {})[task.task])
+            probs = {task.classes[0]: 1.0 - present, task.classes[1]: present}
+            out.append(_tag(task, task.task, probs, decide(task, probs), threshold))
+            continue
+        regions = classifier_inputs(image, labelmap, card, task)
+        if not regions:
+            row = np.zeros(len(task.classes))
+            if task.activation == "softmax":
+                row[0] = 1.0
+        else:
+            net = networks(task) if networks is not None else load_classifier(card, task, device)
+            row = combine(task, network_probabilities(task, regions, net, device))
+        if task.activation == "softmax":
+            probs = {c: float(p) for c, p in zip(task.classes, row)}
+            out.append(_tag(task, task.task, probs, decide(task, probs), threshold))
+            continue
+        for cls, p in zip(task.classes, row):
+            probs = {"absent": 1.0 - float(p), "present": float(p)}
+            cut = task.thresholds.get(cls, 0.5)
+            out.append(_tag(task, f"{task.task}/{cls}", probs, "present" if p >= cut else "absent", threshold))
     return out

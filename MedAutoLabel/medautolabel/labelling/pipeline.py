@@ -10,19 +10,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Union
 
+import numpy as np
+
 from medautolabel import __version__
 from medautolabel.catalog.modelcard import ModelCard
 from medautolabel.catalog.registry import resolve_model
 from medautolabel.errors import Cancelled, InputError
 from medautolabel.image import Image
-from medautolabel.labelling.classify import classify
+from medautolabel.labelling.classify import classify, evidence_scores
 from medautolabel.labelling.inference import infer
 from medautolabel.labelling.postprocess import postprocess as postprocess_output
 from medautolabel.labelling.preprocess import preprocess, repair_non_finite
 from medautolabel.options import LabelOptions, make_options
 from medautolabel.result import Result
 from medautolabel.runtime.device import resolve_precision, select_device
-from medautolabel.runtime.network import file_sha256, load_network
+from medautolabel.runtime.network import file_sha256, load_classifier, load_network
 
 log = logging.getLogger("medautolabel")
 
@@ -116,60 +118,77 @@ def label_image(image: Image, model: Union[str, Path, ModelCard], options: Optio
     image, repairs = repair_non_finite(image)
     report("loading model", 0.0)
     card = resolve_model(model)
-    if options.tta is not None and options.tta != card.inference.tta:
+    if card.inference is not None and options.tta is not None and options.tta != card.inference.tta:
         card = dataclasses.replace(card, inference=dataclasses.replace(card.inference, tta=options.tta))
     check_modality(image, card)
     dev = select_device(options.device)
     resolve_precision(dev, options.precision)  # an unknown or impossible precision fails before any work
-    network = load_network(card, dev)
-    sha = file_sha256(card.weights_path)
+    threshold = card.low_confidence_threshold if options.low_confidence_threshold is None \
+        else options.low_confidence_threshold
+    classifiers = {t.task: load_classifier(card, t, dev) for t in card.classification if t.method == "network"}
+    provenance: Dict[str, Any] = {"model": {"id": card.id, "name": card.name, "version": card.version}}
+    if card.segments:
+        network = load_network(card, dev)
+        provenance["model"].update(weights=card.network.weights, weights_sha256=file_sha256(card.weights_path))
+    if classifiers:
+        provenance["classifiers"] = [
+            {"task": t.task, "architecture": t.network.architecture, "region": t.input.region,
+             "weights": t.network.weights, "weights_sha256": file_sha256(card.file(t.network.weights))}
+            for t in card.classification if t.method == "network"]
     t = timed("load_model", t_start)
     check_cancel()
 
-    report("preprocessing", 0.0)
-    prepared = preprocess(image, card)
-    t = timed("preprocess", t)
-    check_cancel()
+    evidence: Dict[str, float] = {}
+    if card.segments:
+        report("preprocessing", 0.0)
+        prepared = preprocess(image, card)
+        t = timed("preprocess", t)
+        check_cancel()
 
-    report("inference", 0.0)
-    window_stats: Dict[str, Any] = {}
-    logits, used, used_precision = infer(network, prepared.tensor, card.inference, dev,
-                                         progress=lambda f: report("inference", f), cancel=cancel, warn=warn,
-                                         load_on=lambda d: load_network(card, d), precision=options.precision,
-                                         optimise=True, stats=window_stats)
-    t = timed("inference", t)
-    prepared.tensor = prepared.tensor.new_empty(0)  # free the input tensor: only its geometry is needed now
-    check_cancel()
+        report("inference", 0.0)
+        window_stats: Dict[str, Any] = {}
+        logits, used, used_precision = infer(network, prepared.tensor, card.inference, dev,
+                                             progress=lambda f: report("inference", f), cancel=cancel, warn=warn,
+                                             load_on=lambda d: load_network(card, d), precision=options.precision,
+                                             optimise=True, stats=window_stats)
+        t = timed("inference", t)
+        prepared.tensor = prepared.tensor.new_empty(0)  # free the input tensor: only its geometry is needed now
+        check_cancel()
 
-    report("postprocessing", 0.0)
-    classes = classify(logits, prepared, card, options.low_confidence_threshold)  # before postprocess edits logits
+        report("postprocessing", 0.0)
+        evidence = evidence_scores(logits, prepared, card)  # before postprocess edits logits
+        labelmap, segments = postprocess_output(logits, prepared, card, options.postprocess,
+                                              options.low_confidence_threshold)
+        del logits
+        t = timed("postprocess", t)
+        provenance.update({
+            "device": used,
+            "amp": used_precision != "float32",
+            "precision": used_precision,
+            "network_runtime": window_stats["network_runtime"],
+            "windows": {"computed": window_stats["windows"] - window_stats["windows_reused"],
+                        "reused_constant": window_stats["windows_reused"]},
+            "test_time_augmentation": card.inference.tta,
+            "network_grid": {"shape_kji": list(prepared.net_shape),
+                             "spacing_mm": [round(float(s), 6) for s in prepared.net_spacing],
+                             "crop_kji": [[s.start, s.stop] for s in prepared.crop]},
+        })
+    else:  # a classification-only model labels nothing
+        labelmap = Image(np.zeros(image.array.shape, dtype=np.uint8), image.ijk_to_ras.copy(), dict(image.meta))
+        segments = []
+        provenance.update({"device": str(dev), "amp": False, "precision": "float32"})
+    report("postprocessing", 0.5)
+    classes = classify(card, image, labelmap, dev, evidence, threshold, networks=lambda task: classifiers[task.task])
     t = timed("classify", t)
-    labelmap, segments = postprocess_output(logits, prepared, card, options.postprocess,
-                                          options.low_confidence_threshold)
-    del logits
-    t = timed("postprocess", t)
     timings["total"] = round(t - t_start, 4)
     report("postprocessing", 1.0)
 
-    provenance: Dict[str, Any] = {
-        "model": {"id": card.id, "name": card.name, "version": card.version,
-                  "weights": card.network.weights, "weights_sha256": sha},
-        "device": used,
-        "amp": used_precision != "float32",
-        "precision": used_precision,
-        "network_runtime": window_stats["network_runtime"],
-        "windows": {"computed": window_stats["windows"] - window_stats["windows_reused"],
-                    "reused_constant": window_stats["windows_reused"]},
+    provenance.update({
         "input_repairs": list(image.meta.get("input_repairs", [])) + repairs,
         "postprocessing": options.postprocess,
-        "test_time_augmentation": card.inference.tta,
-        "low_confidence_threshold": (card.low_confidence_threshold if options.low_confidence_threshold is None
-                                     else options.low_confidence_threshold),
-        "network_grid": {"shape_kji": list(prepared.net_shape),
-                         "spacing_mm": [round(float(s), 6) for s in prepared.net_spacing],
-                         "crop_kji": [[s.start, s.stop] for s in prepared.crop]},
+        "low_confidence_threshold": threshold,
         "timings_s": timings,
         "software": software_versions(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    })
     return Result(labelmap=labelmap, segments=segments, classifications=classes, provenance=provenance)

@@ -22,7 +22,7 @@ import torch
 from medautolabel.errors import ModelError
 
 if TYPE_CHECKING:  # the card is read, never imported at run time: runtime sits below catalog
-    from medautolabel.catalog.modelcard import ModelCard
+    from medautolabel.catalog.modelcard import ClassificationTask, ModelCard, NetworkSpec
 
 _CACHE_SIZE = 3
 _cache: OrderedDict[Tuple[str, str, str, str], torch.nn.Module] = OrderedDict()
@@ -55,17 +55,22 @@ def first_output(out):
 
 def build_network(card: ModelCard) -> torch.nn.Module:
     """A freshly initialised MONAI network as the card describes it (``network.architecture``/``parameters``)."""
+    return build_from_spec(card.network, card.path, "network")
+
+
+def build_from_spec(spec: NetworkSpec, card_path: Any = None, where: str = "network") -> torch.nn.Module:
+    """A freshly initialised MONAI network from a card's network entry (``where`` names it in errors)."""
     from monai.networks import nets
 
-    arch = card.network.architecture
+    arch = spec.architecture
     cls = None if arch == "TorchScript" else getattr(nets, arch, None)
     if cls is None:
-        raise ModelError(f"field 'network.architecture': {arch!r} is not in this MONAI version", card.path)
+        raise ModelError(f"field '{where}.architecture': {arch!r} is not in this MONAI version", card_path)
     try:
-        return cls(**card.network.parameters)
-    except (TypeError, ValueError, AssertionError, KeyError) as e:
-        raise ModelError(f"field 'network.parameters': MONAI {arch} rejects them ({_one_line(e)})",
-                         card.path) from None
+        return cls(**spec.parameters)
+    except (TypeError, ValueError, AssertionError, KeyError, NotImplementedError) as e:
+        raise ModelError(f"field '{where}.parameters': MONAI {arch} rejects them ({_one_line(e)})",
+                         card_path) from None
 
 
 def is_torchscript(path: Union[str, Path]) -> bool:
@@ -78,21 +83,33 @@ def is_torchscript(path: Union[str, Path]) -> bool:
 
 def load_network(card: ModelCard, device: torch.device) -> torch.nn.Module:
     """The card's network with its weights on ``device`` in eval mode; cached per (file, sha256, device)."""
-    path = card.weights_path
+    return load_spec(card.network, card.weights_path, device, card.path, "network")
+
+
+def load_classifier(card: ModelCard, task: ClassificationTask, device: torch.device) -> torch.nn.Module:
+    """A classification task's network (method "network") with its weights, like ``load_network``."""
+    n = card.classification.index(task)
+    return load_spec(task.network, card.file(task.network.weights), device, card.path,
+                     f"classification[{n}].network")
+
+
+def load_spec(spec: NetworkSpec, path: Path, device: torch.device, card_path: Any = None,
+              where: str = "network") -> torch.nn.Module:
+    """The network of one card entry with the weights at ``path``, checked against its sha256, cached."""
     if not path.is_file():
         raise ModelError("weights file not found", path)
     sha = file_sha256(path)
-    if card.network.sha256 is not None and sha != card.network.sha256:
+    if spec.sha256 is not None and sha != spec.sha256:
         raise ModelError(f"sha256 of the weights is {sha[:16]}... but the model card says "
-                         f"{card.network.sha256[:16]}...: the file is damaged or not the one the card describes",
+                         f"{spec.sha256[:16]}...: the file is damaged or not the one the card describes",
                          path)
     key = (str(path.resolve()), sha, str(device),
-           json.dumps([card.network.architecture, card.network.parameters], sort_keys=True, default=str))
+           json.dumps([spec.architecture, spec.parameters], sort_keys=True, default=str))
     with _lock:
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
-    net = load_uncached(card, path, device)
+    net = _load_uncached(spec, path, device, card_path, where)
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)
@@ -109,9 +126,10 @@ def clear_cache() -> None:
         _cache.clear()
 
 
-def load_uncached(card: ModelCard, path: Path, device: torch.device) -> torch.nn.Module:
-    """The card's network with the weights at ``path`` on ``device``, built afresh (the caller caches it)."""
-    if card.network.architecture == "TorchScript" or is_torchscript(path):
+def _load_uncached(spec: NetworkSpec, path: Path, device: torch.device, card_path: Any,
+                   where: str) -> torch.nn.Module:
+    """The network with the weights at ``path`` on ``device``, built afresh (the caller caches it)."""
+    if spec.architecture == "TorchScript" or is_torchscript(path):
         if not is_torchscript(path):
             raise ModelError("the model card says TorchScript but the weights file is not a TorchScript archive",
                              path)
@@ -122,7 +140,7 @@ def load_uncached(card: ModelCard, path: Path, device: torch.device) -> torch.nn
         except Exception as e:  # noqa: BLE001 - any failure here means a damaged archive
             raise ModelError(f"cannot load TorchScript weights ({_one_line(e)})", path) from None
     state = read_state_dict(path, device)
-    net = build_network(card)
+    net = build_from_spec(spec, card_path, where)
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError:
@@ -133,7 +151,7 @@ def load_uncached(card: ModelCard, path: Path, device: torch.device) -> torch.nn
             detail += f" (e.g. {(missing or extra)[0]!r})"
         else:
             detail = "tensor shapes differ"
-        raise ModelError(f"weights do not fit the {card.network.architecture} the model card describes: "
+        raise ModelError(f"weights do not fit the {spec.architecture} the model card describes: "
                          f"{detail}", path) from None
     return net.to(device)
 

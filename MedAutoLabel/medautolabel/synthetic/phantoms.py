@@ -27,6 +27,7 @@ from medautolabel.image import Image, make_ijk_to_ras
 
 VESSEL, NERVE = 1, 2
 LABEL_NAMES = {0: "background", 1: "vessel", 2: "nerve"}
+MIN_VISIBLE_SAC_MM3 = 5.0  # a phantom "has an aneurysm" when at least this much sac is in the image
 TRAINING_SEEDS = range(0, 1_000_000)
 HELD_OUT_SEEDS = range(1_000_000, 2_000_000)
 DEMO_SEED = 2_000_001
@@ -468,7 +469,7 @@ def render(seed: int, shape_kji: Sequence[int], ijk_to_ras: np.ndarray,
         a = int(np.clip(a, 1, len(t.points) - 2))
         tangent = _unit(t.points[a + 1] - t.points[a - 1])
         r_v = float(t.radii[a])
-        sac_r = float(np.clip(r_v * rng.uniform(1.4, 2.6), 2.5, 10.0))
+        sac_r = float(np.clip(r_v * rng.uniform(1.4, 2.6), 1.5, 10.0))  # diameters from 3 mm
         centre = t.points[a] + _perpendicular(tangent, rng) * (r_v + 0.5 * sac_r)
         sac.add_ellipsoid(centre, sac_r * rng.uniform(0.8, 1.0, 3), _random_rotation(rng))
         _paint(hu, sac.frac, level)
@@ -494,6 +495,8 @@ def render(seed: int, shape_kji: Sequence[int], ijk_to_ras: np.ndarray,
     labels[nerve.frac >= 0.5] = NERVE
     labels[vessel.frac >= 0.5] = VESSEL
     sac_mask = (sac.frac >= 0.5) & (labels == VESSEL)
+    # a sac drawn outside the field of view (or hidden in its vessel) is no aneurysm in this image
+    aneurysm = aneurysm and float(sac_mask.sum()) * float(np.prod(grid.spacing)) >= MIN_VISIBLE_SAC_MM3
     hu_img = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
     meta = {"modality": "CT", "source_name": f"phantom-{seed}"}
     return Phantom(Image(hu_img, grid.m.copy(), meta), Image(labels, grid.m.copy(), dict(meta)),

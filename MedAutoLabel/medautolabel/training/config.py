@@ -93,6 +93,32 @@ class Classification:
 
 
 @dataclass
+class ClassifierTraining:
+    """One classifier network trained from case-level labels (an entry of ``classifiers``)."""
+
+    task: str = ""  # a task of the dataset's classes (labels.csv or dataset.json "classes")
+    architecture: str = "ResNet"  # ResNet, DenseNet121, SEResNet50 or EfficientNetBN (MONAI, 3D)
+    # MONAI constructor arguments; channel counts, classes and spatial_dims are filled in
+    parameters: Dict[str, Any] = field(default_factory=lambda: {
+        "block": "basic", "layers": [1, 1, 1, 1], "block_inplanes": [16, 32, 64, 128], "conv1_t_size": 3,
+        "conv1_t_stride": 1, "no_max_pool": False, "norm": "batch"})
+    # what the classifier looks at (model card "input": region whole/segment/components, shape, ...)
+    input: Dict[str, Any] = field(default_factory=lambda: {"region": "whole", "shape": [64, 64, 64]})
+    epochs: int = 40
+    iterations_per_epoch: Optional[int] = None  # null: one pass over the training cases
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 10  # epochs without a better validation AUC before stopping; 0: never stop early
+    balanced: bool = True  # draw every class equally often
+    flip: bool = True
+    intensity_scale: float = 0.1
+    intensity_shift: float = 0.05
+    noise_std: float = 0.02
+    temperature_scaling: bool = True  # fit the card's temperature on the validation cases
+
+
+@dataclass
 class Cache:
     path: Optional[str] = None  # default: <user cache>/medautolabel/training/<dataset hash>.h5
     in_memory: str = "auto"  # "auto" (if it fits in memory_gb), "yes" or "no" (stream crops from disk)
@@ -129,6 +155,9 @@ class TrainConfig:
     workers: int = 0  # data-loading processes per rank (0: in the training process)
     amp: bool = True  # mixed precision on CUDA (ignored on the CPU)
     threads: Optional[int] = None  # torch CPU threads (null: torch's default)
+    # classifier networks trained from case-level labels after (or, without masks, instead of) segmentation
+    classifiers: List[Dict[str, Any]] = field(default_factory=list)
+    train_segmentation: bool = True  # false: keep the --from model's segmentation network, train classifiers only
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -242,6 +271,30 @@ def load_config(source: Union[None, str, Path, Dict[str, Any]] = None,
     return cfg
 
 
+def classifier_specs(cfg: TrainConfig, path: Optional[Path] = None) -> List[ClassifierTraining]:
+    """The ``classifiers`` entries as checked dataclasses (unknown keys and wrong types refused)."""
+    out = []
+    for n, entry in enumerate(cfg.classifiers):
+        spec = _build(ClassifierTraining, entry, f"classifiers[{n}]", path)
+        where = f"classifiers[{n}]"
+        if not spec.task.strip():
+            raise ConfigError(f"key '{where}.task': expected the name of a task of the dataset", path)
+        if spec.task in {s.task for s in out}:
+            raise ConfigError(f"key '{where}.task': task {spec.task!r} listed twice", path)
+        for key in ("epochs", "batch_size"):
+            problem = count_problem(getattr(spec, key), 1)
+            if problem:
+                raise ConfigError(f"key '{where}.{key}': {problem}", path)
+        for key, lo in (("iterations_per_epoch", 1), ("patience", 0)):
+            problem = count_problem(getattr(spec, key), lo)
+            if problem:
+                raise ConfigError(f"key '{where}.{key}': {problem}", path)
+        if spec.lr <= 0:
+            raise ConfigError(f"key '{where}.lr': expected a number > 0", path)
+        out.append(spec)
+    return out
+
+
 # Whole-number settings and their smallest allowed value (null, where allowed, means "choose for me").
 COUNTS = {"batch_size": 1, "epochs": 1, "iterations_per_epoch": 1, "validation.interval": 1,
           "classification.interval": 1, "early_stopping_patience": 0, "workers": 0, "schedule.warmup_iterations": 0}
@@ -303,6 +356,7 @@ def validate(cfg: TrainConfig, path: Optional[Path] = None) -> None:
         raise fail("cache.in_memory", "expected \"auto\", \"yes\" or \"no\"")
     if cfg.cache.compression not in ("gzip", "lzf", "none"):
         raise fail("cache.compression", "expected \"gzip\", \"lzf\" or \"none\"")
+    classifier_specs(cfg, path)
     spacing = cfg.preprocessing.get("spacing")
     if spacing is not None and not (isinstance(spacing, list) and len(spacing) == 3
                                     and all(isinstance(x, (int, float)) and x > 0 for x in spacing)):

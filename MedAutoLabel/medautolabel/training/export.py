@@ -79,7 +79,10 @@ def _sanitise_id(text: str) -> str:
 
 def plan_model(cfg: TrainConfig, dataset: Dataset, base: Optional[ModelCard], model_dir: Path) -> Plan:
     """Assemble the output card: labels from the config/dataset/base model, channels, classes."""
+    from medautolabel.training.config import classifier_specs
+
     notes: List[str] = []
+    trained_apart = {spec.task for spec in classifier_specs(cfg)}  # tasks with a classifier network of their own
     by_name = {n.lower(): v for v, n in dataset.labels.items()}
     overrides = {str(x.get("name", "")).lower(): x for x in (cfg.labels or [])}
     for n, x in enumerate(cfg.labels or []):
@@ -117,6 +120,8 @@ def plan_model(cfg: TrainConfig, dataset: Dataset, base: Optional[ModelCard], mo
                 channel_map.append(None)
                 notes.append(f"label {name!r} is new: the output layer grows by one channel")
         for t in base_dict.get("classification", []):
+            if t.get("method", "voxel_evidence") != "voxel_evidence" or t["task"] in trained_apart:
+                continue  # a classifier network: kept (or retrained) by the classifier phase, not a channel
             tasks.append({"task": t["task"], "classes": list(t["classes"]), "smoothing_mm": t["smoothing_mm"],
                           "base_channel": t["channel"]})
     else:
@@ -132,7 +137,7 @@ def plan_model(cfg: TrainConfig, dataset: Dataset, base: Optional[ModelCard], mo
             x["value"] = next(v for v in range(1, 256) if v not in used_values and v not in names)
         used_values.add(x["value"])
     for task, classes in dataset.classes.items():
-        if task not in {t["task"] for t in tasks}:
+        if task not in {t["task"] for t in tasks} and task not in trained_apart:
             tasks.append({"task": task, "classes": list(classes), "smoothing_mm": cfg.classification.smoothing_mm,
                           "base_channel": None})
     softmax = len(labels) + 1

@@ -36,7 +36,16 @@ from medautolabel.io.atomic import atomic_output
 from medautolabel.runtime.device import autocast, select_device
 from medautolabel.training import distributed
 from medautolabel.training.cache import CaseStore, build_cache, default_cache_path
-from medautolabel.training.config import ConfigError, TrainConfig, apply_overrides, device_defaults, load_config
+from medautolabel.training.classifier_run import classifier_only_card, train_classifiers, write_model_files
+from medautolabel.training.config import (
+    ClassifierTraining,
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    classifier_specs,
+    device_defaults,
+    load_config,
+)
 from medautolabel.training.data import load_dataset, split
 from medautolabel.training.export import Plan, grow_state_dict, plan_model, state_sha256, write_model
 from medautolabel.training.losses import EvidenceMax, evidence_loss, segmentation_loss
@@ -263,6 +272,9 @@ def _train(data, model_dir: Path, config, base, dev: torch.device, overrides, re
         torch.set_num_threads(threads)
     dataset = load_dataset(data)
     base_card = resolve_model(base) if base else None
+    specs = classifier_specs(cfg)
+    if not cfg.train_segmentation or any(c.label is None for c in dataset.cases):
+        return _classifiers_only(dataset, cfg, specs, base_card, model_dir, dev, say, cancel, command, dist, t_start)
     plan: Plan = plan_model(cfg, dataset, base_card, model_dir)
     for note in plan.warnings:
         say(f"note: {note}")
@@ -491,12 +503,51 @@ def _train(data, model_dir: Path, config, base, dev: torch.device, overrides, re
         export(best_metrics, best_state, epochs_run, stopped, seconds)
         say(f"model written to {model_dir} (best mean Dice {max(best, 0.0):.4f} at epoch {best_epoch}; "
             f"{seconds:.0f} s)")
+        if specs:
+            card_dict = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
+            card_dict, states = train_classifiers(dataset, cfg, specs, card_dict, dev, say, cancel)
+            write_model_files(model_dir, card_dict, states, {})
+            say(f"classifiers written to {model_dir} ({time.perf_counter() - t_start:.0f} s in all)")
     hash_dir = os.environ.get(HASH_ENV)
     if hash_dir:
         Path(hash_dir).mkdir(parents=True, exist_ok=True)
         (Path(hash_dir) / f"rank{dist.rank}.sha256").write_text(state_sha256(net.state_dict()))
     distributed.barrier(dist)
     return TrainResult(model_dir, epochs_run, best_epoch, best_metrics, seconds, stopped, history)
+
+
+def _classifiers_only(dataset, cfg: TrainConfig, specs, base_card: Optional[ModelCard], model_dir: Path,
+                      dev: torch.device, say: LogFn, cancel, command, dist: distributed.Dist,
+                      t_start: float) -> TrainResult:
+    """No segmentation training (a dataset without masks, or ``train_segmentation: false``): classifiers only.
+
+    Every task of the dataset without a ``classifiers`` entry gets the default classifier.
+    """
+    from medautolabel.labelling.pipeline import software_versions
+
+    if dist.enabled:
+        raise ConfigError("classifier training runs in one process: start it without torchrun")
+    if not cfg.train_segmentation and base_card is None and all(c.label is not None for c in dataset.cases):
+        say("note: train_segmentation is false and no --from model is given: the model will classify only")
+    listed = {s.task for s in specs}
+    specs = list(specs) + [ClassifierTraining(task=t) for t in dataset.classes if t not in listed]
+    if not specs:
+        raise ConfigError("nothing to train: the dataset has no masks and no case labels (labels.csv or "
+                          "\"classes\" in dataset.json)", dataset.root)
+    card_dict, copies = classifier_only_card(cfg, dataset, base_card, model_dir)
+    card_dict, states = train_classifiers(dataset, cfg, specs, card_dict, dev, say, cancel)
+    seconds = time.perf_counter() - t_start
+    card_dict["provenance"] = dict(card_dict.get("provenance") or {}, classifiers_trained_by={
+        "command": command or "medautolabel.training.train()",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": cfg.to_dict(),
+        "base_model": None if base_card is None else {"id": base_card.id, "version": base_card.version},
+        "device": str(dev), "duration_s": round(seconds, 1), "software": software_versions(),
+        "dataset": {"name": dataset.name, "cases": len(dataset.cases)}})
+    write_model_files(model_dir, card_dict, states, copies)
+    say(f"model written to {model_dir} ({seconds:.0f} s)")
+    metrics = card_dict.get("metrics", {}).get("classifiers", {})
+    return TrainResult(model_dir, max((m.get("epochs_run", 0) for m in metrics.values()), default=0),
+                       max((m.get("best_epoch", 0) for m in metrics.values()), default=0), metrics, seconds, False)
 
 
 def bar_text(epoch: int, epochs: int, estimate: Estimate) -> str:
