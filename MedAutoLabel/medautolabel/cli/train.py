@@ -19,11 +19,14 @@ EPILOG = """examples:
   medautolabel train Dataset001 -o models/my-model --config train.json --epochs 50
   medautolabel train Dataset001 -o models/my-model --resume           (after a crash)
   medautolabel train Dataset001 -o models/tuned --from vessel-nerve-cta
+  medautolabel train Cases -o models/my-classifier            (images + labels.csv: classifiers only)
+  medautolabel train phantoms -o models/vessel-nerve-cta --config vessel-nerve-cta --from vessel-nerve-cta --classifiers-only
   torchrun --nproc_per_node 4 -m medautolabel.training Dataset001 -o models/my-model
 See docs/training.md."""
 
 # Command-line options that set a config key: {key: argparse dest}.
-OPTIONS = {"epochs": "epochs", "iterations_per_epoch": "iterations", "classification.interval": "bag_interval"}
+OPTIONS = {"epochs": "epochs", "iterations_per_epoch": "iterations", "classification.interval": "bag_interval",
+           "train_segmentation": "train_segmentation"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bag-interval", type=positive_int, metavar="N", help="a classification bag every N steps (overrides "
                                                                  "classification.interval; default: 1 on a GPU, 4 on "
                                                                  "a CPU)")
+    p.add_argument("--classifiers-only", dest="train_segmentation", action="store_const", const=False,
+                   help="train only the classifiers (config 'classifiers'); with --from, the base model's segmentation "
+                        "network is kept as it is")
     p.add_argument("--resume", action="store_true", help="continue the run in MODEL_DIR from its last saved epoch")
     p.add_argument("--overwrite", action="store_true", help="train into a MODEL_DIR that is not empty, replacing "
                                                             "only a model medautolabel trained there")

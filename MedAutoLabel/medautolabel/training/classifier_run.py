@@ -94,7 +94,8 @@ def train_classifiers(dataset: Dataset, cfg: TrainConfig, specs: Sequence[Classi
             train_cases = labelled
             val_cases = [c for c in dataset.validation if spec.task in c.classes]
         else:
-            train_cases, val_cases = stratified_split(labelled, spec.task, classes, cfg.validation.fraction, cfg.seed)
+            fraction = spec.validation_fraction or cfg.validation.fraction
+            train_cases, val_cases = stratified_split(labelled, spec.task, classes, fraction, cfg.seed)
         say(f"classifier {spec.task!r} ({spec.architecture}, {task.input.region}): {len(train_cases)} training and "
             f"{len(val_cases)} validation cases; classes " + ", ".join(
                 f"{name} {sum(c.classes[spec.task] == name for c in labelled)}" for name in classes))

@@ -116,6 +116,7 @@ class ClassifierTraining:
     intensity_shift: float = 0.05
     noise_std: float = 0.02
     temperature_scaling: bool = True  # fit the card's temperature on the validation cases
+    validation_fraction: Optional[float] = None  # share of labelled cases held out (null: validation.fraction)
 
 
 @dataclass
@@ -291,6 +292,8 @@ def classifier_specs(cfg: TrainConfig, path: Optional[Path] = None) -> List[Clas
                 raise ConfigError(f"key '{where}.{key}': {problem}", path)
         if spec.lr <= 0:
             raise ConfigError(f"key '{where}.lr': expected a number > 0", path)
+        if spec.validation_fraction is not None and not 0.0 < spec.validation_fraction < 1.0:
+            raise ConfigError(f"key '{where}.validation_fraction': expected a number in 0..1 (exclusive)", path)
         out.append(spec)
     return out
 
