@@ -10,14 +10,18 @@ from pathlib import Path
 
 from medautolabel.cli.parsing import OneLineParser
 from medautolabel.errors import MedAutoLabelError
+from medautolabel.text import printable
 
 EPILOG = """examples:
   medautolabel evaluate labels/ Dataset001/labelsTr -o report/
   medautolabel evaluate labels/case01.seg.nrrd refs/case01.nii.gz -o report/
   medautolabel evaluate --model vessel-nerve-cta --images Dataset001/imagesTr Dataset001/labelsTr -o report/
+  medautolabel evaluate labels/ Dataset001/labels.csv -o report/        (classes only)
 Pairs files by case name (extensions and an MSD _0000 suffix ignored). Classes are read from the
-predictions' <case>.tags.json and the references' dataset.json. REPORT_DIR must be new or empty
-(or hold an earlier report, with --overwrite); it is never an input. See docs/evaluation.md."""
+predictions' <case>.tags.json and from REF's labels.csv (columns case,task,class), else from the
+references' dataset.json. --images puts the worst cases' slices over their images. REPORT_DIR must
+be new or empty (or hold an earlier report, with --overwrite); it is never an input.
+See docs/evaluation.md."""
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,34 +44,53 @@ def run(args: argparse.Namespace) -> int:
                 failed = [r for r in records if r["status"] == "error"]
                 if failed:
                     raise MedAutoLabelError(failed[0]["message"])
-                evaluation = evaluate_cases(tmp, args.paths[0])
+                evaluation = evaluate_cases(tmp, args.paths[0], images=args.images)
         else:
             if len(args.paths) != 2:
                 raise MedAutoLabelError("give PRED and REF (or --model M --images DIR REF)")
-            evaluation = evaluate_cases(args.paths[0], args.paths[1])
+            evaluation = evaluate_cases(args.paths[0], args.paths[1], images=args.images)
         out = write_report(evaluation, args.output, command)
     except MedAutoLabelError as e:
         print(f"medautolabel: error: {e}", file=sys.stderr)
         return 2
-    missing = evaluation["summary"]["not_predicted"]
-    if missing:
-        print(f"note: {len(missing)} reference case(s) have no prediction and are not in the averages: "
-              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}", file=sys.stderr)
-    for name, m in evaluation["summary"]["segmentation"].items():
-        d = m["dice"]
-        print(f"{name}: Dice mean {d.get('mean', float('nan')):.3f} (median {d.get('median', float('nan')):.3f}, "
-              f"{d['n']} cases)")
-    for task, c in evaluation["summary"]["classification"].items():
-        print(f"{task}: ROC AUC {c['roc_auc']:.3f}, accuracy {c['accuracy']:.3f} ({c['n']} cases)")
+    _print_summary(evaluation["summary"])
     print(f"wrote {out / 'metrics.csv'}, {out / 'summary.json'}, {out / 'report.html'}")
     return 0
 
 
+def _listing(names) -> str:
+    """The first five names (made inert), then '...' when there are more."""
+    return printable(", ".join(names[:5])) + (" ..." if len(names) > 5 else "")
+
+
+def _print_summary(summary) -> None:
+    """One line per label and per task on stdout; cases left out of the averages on stderr."""
+    if summary["not_predicted"]:
+        print(f"note: {len(summary['not_predicted'])} reference case(s) have no prediction and are not in the "
+              f"averages: {_listing(summary['not_predicted'])}", file=sys.stderr)
+    for name, m in summary["segmentation"].items():
+        d = m["dice"]
+        print(f"{printable(name)}: Dice mean {d.get('mean', float('nan')):.3f} "
+              f"(median {d.get('median', float('nan')):.3f}, {d['n']} cases)")
+    for task, c in summary["classification"].items():
+        if c["not_predicted"]:
+            print(f"note: task {printable(task)}: {len(c['not_predicted'])} case(s) whose prediction lacks it are "
+                  f"not counted: {_listing(c['not_predicted'])}", file=sys.stderr)
+        if not c["n"]:
+            print(f"{printable(task)}: no prediction has this task")
+            continue
+        auc = "ROC AUC" if len(c["classes"]) == 2 else "macro ROC AUC"
+        print(f"{printable(task)}: {auc} {c['roc_auc']:.3f}, accuracy {c['accuracy']:.3f}, balanced accuracy "
+              f"{c['balanced_accuracy']:.3f} ({c['n']} cases, {len(c['misclassified'])} misclassified)")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("paths", nargs="+", metavar="PRED REF", help="prediction and reference (folders or files)")
+    p.add_argument("paths", nargs="+", metavar="PRED REF", help="prediction and reference (folders or files; REF "
+                                                               "may be or hold a labels.csv of classes)")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="REPORT_DIR", help="report folder")
     p.add_argument("--model", help="predict first with this model (id or folder), from --images")
-    p.add_argument("--images", type=Path, help="images to predict (with --model)")
+    p.add_argument("--images", type=Path, help="images to predict (with --model); also the background of the "
+                                               "worst cases' slices in report.html")
     p.add_argument("--device", default="auto", help="device for --model (auto, cpu, cuda, mps)")
     p.add_argument("--overwrite", action="store_true", help="write into a REPORT_DIR that is not empty, replacing "
                                                             "only a report medautolabel wrote there")

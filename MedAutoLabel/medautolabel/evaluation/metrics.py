@@ -196,7 +196,8 @@ def roc_auc_interval(truth: Sequence[bool], score: Sequence[float], resamples: i
 
 def classification_metrics(truth: Sequence[bool], probability: Sequence[float],
                            threshold: float = 0.5) -> Dict[str, Any]:
-    """Accuracy, balanced accuracy, sensitivity, specificity, ROC AUC (``roc_auc``; NaN with one class
+    """Of one two-class task (``truth``: the positive class?; ``probability``: P(positive)): accuracy,
+    balanced accuracy (``balanced_accuracy``), sensitivity, specificity, ROC AUC (``roc_auc``; NaN with one class
     only) with its 95 % bootstrap interval, sensitivity at 90 % specificity, the confusion matrix
     [[TN, FP], [FN, TP]] at ``threshold``, the ROC points, and calibration (ECE and the reliability
     diagram's points)."""
@@ -210,9 +211,90 @@ def classification_metrics(truth: Sequence[bool], probability: Sequence[float],
     specificity = tn / (tn + fp) if tn + fp else math.nan
     return {"n": int(len(t)), "positives": int(t.sum()), "threshold": threshold,
             "accuracy": (tp + tn) / len(t) if len(t) else math.nan,
-            "balanced_accuracy": (sensitivity + specificity) / 2.0,
+            "balanced_accuracy": balanced_accuracy([[tn, fp], [fn, tp]]),
             "sensitivity": sensitivity, "specificity": specificity,
             "roc_auc": auc, "roc_auc_ci95": roc_auc_interval(t, p),
             "sensitivity_at_90_specificity": sensitivity_at_specificity(t, p, 0.9),
             "ece": expected_calibration_error(t, p), "reliability": reliability(t, p),
             "confusion": [[tn, fp], [fn, tp]], "roc": roc_points(t, p)}
+
+
+# --- tasks with named classes (two or more) --------------------------------------------------------
+
+def confusion_matrix(truth: Sequence[str], predicted: Sequence[str], classes: Sequence[str]) -> List[List[int]]:
+    """Counts of (reference class, predicted class): rows = reference, columns = predicted, both in ``classes``
+    order. For two classes [negative, positive] it is [[TN, FP], [FN, TP]]."""
+    index = {c: n for n, c in enumerate(classes)}
+    out = [[0] * len(classes) for _ in classes]
+    for t, p in zip(truth, predicted):
+        out[index[t]][index[p]] += 1
+    return out
+
+
+def balanced_accuracy(confusion: Sequence[Sequence[int]]) -> float:
+    """The mean sensitivity (recall) of the classes that have reference cases (rows of ``confusion`` with
+    cases); NaN without cases. With two classes and both present it is (sensitivity + specificity) / 2;
+    a class no reference case has is left out rather than counted as 0 or 1."""
+    recalls = [row[n] / sum(row) for n, row in enumerate(confusion) if sum(row)]
+    return float(np.mean(recalls)) if recalls else math.nan
+
+
+def one_vs_rest(confusion: Sequence[Sequence[int]], index: int) -> Dict[str, float]:
+    """Sensitivity and specificity of class ``index`` against all the others (NaN when undefined)."""
+    m = np.asarray(confusion, dtype=np.int64)
+    tp = int(m[index, index])
+    fn = int(m[index].sum()) - tp
+    fp = int(m[:, index].sum()) - tp
+    tn = int(m.sum()) - tp - fn - fp
+    return {"sensitivity": tp / (tp + fn) if tp + fn else math.nan,
+            "specificity": tn / (tn + fp) if tn + fp else math.nan}
+
+
+def predicted_class(probabilities: Mapping[str, float], classes: Sequence[str], threshold: float = 0.5) -> str:
+    """The class a prediction calls: with two classes the second (positive) one when its probability is at
+    least ``threshold`` (as ``classification_metrics``); with more, the most probable (the first listed on a tie)."""
+    if len(classes) == 2:
+        return classes[1] if probabilities[classes[1]] >= threshold else classes[0]
+    return max(classes, key=lambda c: (probabilities[c], -classes.index(c)))
+
+
+def task_metrics(truth: Sequence[str], probabilities: Sequence[Mapping[str, float]],
+                 classes: Sequence[str]) -> Dict[str, Any]:
+    """Metrics of one task whose cases have the reference classes ``truth`` and the predicted ``probabilities``
+    (class -> probability, every class of ``classes``).
+
+    Always: ``classes``, ``n``, ``accuracy``, ``balanced_accuracy``, ``confusion`` (rows = reference,
+    columns = predicted, ``confusion_matrix``), ``per_class`` (class -> reference cases ``n``,
+    ``sensitivity``, ``specificity``, one-vs-rest ``roc_auc`` of the class's probability and its
+    ``roc_auc_ci95``), ``ece`` and ``reliability``, and ``roc_auc``.
+    Two classes [negative, positive]: everything ``classification_metrics`` gives for P(positive)
+    (``roc_auc`` is the positive class's; ECE and reliability of P(positive)).
+    More classes: ``roc_auc`` is the macro mean of the per-class AUCs that are defined (``roc_auc_macro``
+    too), ``roc`` the one-vs-rest curve of each class, and ECE and reliability are of the predicted
+    class's probability (its confidence) against whether the call was right.
+    """
+    classes = list(classes)
+    called = [predicted_class(p, classes) for p in probabilities]
+    confusion = confusion_matrix(truth, called, classes)
+    per_class: Dict[str, Dict[str, Any]] = {}
+    for n, c in enumerate(classes):
+        is_c = [t == c for t in truth]
+        score = [float(p[c]) for p in probabilities]
+        per_class[c] = dict({"n": int(sum(is_c))}, **one_vs_rest(confusion, n),
+                            roc_auc=roc_auc(is_c, score), roc_auc_ci95=roc_auc_interval(is_c, score))
+    if len(classes) == 2:
+        positive = classes[1]
+        out = classification_metrics([t == positive for t in truth], [float(p[positive]) for p in probabilities])
+    else:
+        aucs = [v["roc_auc"] for v in per_class.values() if math.isfinite(v["roc_auc"])]
+        correct = [t == c for t, c in zip(truth, called)]
+        confidence = [float(p[c]) for p, c in zip(probabilities, called)]
+        out = {"n": len(truth), "accuracy": sum(correct) / len(correct) if correct else math.nan,
+               "balanced_accuracy": balanced_accuracy(confusion),
+               "roc_auc": float(np.mean(aucs)) if aucs else math.nan,
+               "ece": expected_calibration_error(correct, confidence), "reliability": reliability(correct, confidence),
+               "roc": {c: roc_points([t == c for t in truth], [float(p[c]) for p in probabilities])
+                       for c in classes}}
+        out["roc_auc_macro"] = out["roc_auc"]
+    out.update(classes=classes, confusion=confusion, per_class=per_class)
+    return out

@@ -1,4 +1,9 @@
-"""Find prediction/reference pairs by case name and read their labelmaps, label names and classes."""
+"""Find prediction/reference pairs by case name and read their labelmaps, label names and classes.
+
+Case names: a file's name without its extension and without an MSD channel suffix ``_0000``
+(``case_name``); a ``<case>.tags.json`` and a ``labels.csv`` case cell follow the same rule
+(``plain_case``), so ``scan_0000.nii.gz``, ``scan.tags.json`` and the cell ``scan`` are one case.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from medautolabel.limits import MAX_JSON_DEPTH, json_depth_exceeds
 
 PathLike = Union[str, Path]
 LABELMAP_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+TAGS_SUFFIX = ".tags.json"
+CASE_LABELS = "labels.csv"  # the class reference a REF folder may hold (io/case_labels.py)
 
 
 def case_name(path: PathLike) -> Optional[str]:
@@ -24,9 +31,72 @@ def case_name(path: PathLike) -> Optional[str]:
     low = name.lower()
     for suffix in LABELMAP_SUFFIXES:
         if low.endswith(suffix):
-            stem = name[: -len(suffix)]
-            return stem[:-5] if stem.endswith("_0000") else stem
+            return _no_channel(name[: -len(suffix)])
     return None
+
+
+def _no_channel(stem: str) -> str:
+    return stem[:-5] if stem.endswith("_0000") else stem
+
+
+def plain_case(name: str) -> str:
+    """A case name as pairing compares it: a labelmap extension and an MSD ``_0000`` suffix removed."""
+    return case_name(name) or _no_channel(name)
+
+
+def tags_case(path: PathLike) -> Optional[str]:
+    """The case of a ``<case>.tags.json`` file, or None for other files."""
+    name = Path(path).name
+    return plain_case(name[: -len(TAGS_SUFFIX)]) if name.lower().endswith(TAGS_SUFFIX) and \
+        len(name) > len(TAGS_SUFFIX) else None
+
+
+def tags_path(labelmap: Path) -> Path:
+    """The ``<stem>.tags.json`` beside a prediction labelmap (it may not exist)."""
+    return labelmap.parent / f"{labelmap.name[: -len(_suffix(labelmap))]}{TAGS_SUFFIX}"
+
+
+def tags_files(path: PathLike) -> Dict[str, Path]:
+    """Case name -> ``<case>.tags.json``, for a folder of predictions (not recursive), one tags file, or one
+    prediction labelmap (its tags file beside it). For class-only evaluation: labelmaps are not needed."""
+    p = Path(path)
+    if p.is_file():
+        tags = tags_path(p) if case_name(p) is not None else p
+        name = tags_case(tags)
+        if name is None or not tags.is_file():
+            raise InputError("no <case>.tags.json prediction to compare with the classes of labels.csv", p)
+        return {name: tags}
+    if not p.is_dir():
+        raise InputError("no such file or folder", p)
+    out: Dict[str, Path] = {}
+    for f in sorted(p.iterdir()):
+        name = tags_case(f)
+        if name is None or f.name.startswith("."):
+            continue
+        if name in out:
+            raise InputError(f"two tags files for case {name!r}: {out[name].name} and {f.name}", p)
+        out[name] = f
+    if not out:
+        raise InputError("no <case>.tags.json files found (predictions to compare with labels.csv)", p)
+    return out
+
+
+def class_reference_file(ref: PathLike) -> Optional[Path]:
+    """The case labels table of REF: REF itself when it is a ``.csv`` file, ``REF/labels.csv`` when REF is a
+    folder holding one, else None (classes then come from a dataset.json, if any)."""
+    p = Path(ref)
+    if p.is_file():
+        return p if p.name.lower().endswith(".csv") else None
+    table = p / CASE_LABELS
+    return table if table.is_file() else None
+
+
+def has_labelmaps(path: PathLike) -> bool:
+    """True when ``path`` is a labelmap file or a folder holding one (not recursive)."""
+    p = Path(path)
+    if p.is_file():
+        return case_name(p) is not None
+    return p.is_dir() and any(case_name(f) is not None and not f.name.startswith(".") for f in p.iterdir())
 
 
 def labelmap_files(path: PathLike) -> Dict[str, Path]:
@@ -90,12 +160,15 @@ def _read_json_object(path: Path) -> dict:
     return doc
 
 
+def _dataset_json_path(path: Path) -> Optional[Path]:
+    """The dataset.json beside a labelmap or one folder up (MSD: labelsTr/ beside dataset.json), if any."""
+    return next((f / "dataset.json" for f in (path.parent, path.parent.parent) if (f / "dataset.json").is_file()),
+                None)
+
+
 def _dataset_json(path: Path) -> Optional[dict]:
-    for folder in (path.parent, path.parent.parent):
-        candidate = folder / "dataset.json"
-        if candidate.is_file():
-            return _read_json_object(candidate)
-    return None
+    source = _dataset_json_path(path)
+    return None if source is None else _read_json_object(source)
 
 
 def read_labelmap(path: Path) -> Labelmap:
@@ -123,27 +196,53 @@ def read_labelmap(path: Path) -> Labelmap:
     return Labelmap(image, names)
 
 
-def reference_classes(ref_path: Path) -> Dict[str, str]:
-    """Image-level classes of a reference case from its dataset.json entry (``classes``), if any."""
-    meta = _dataset_json(ref_path) or {}
+def reference_classes(ref_path: Path) -> Tuple[Optional[Path], Dict[str, str]]:
+    """(the dataset.json, task -> class) of a reference case from its dataset.json entry (``classes``);
+    (None, {}) without a dataset.json."""
+    source = _dataset_json_path(ref_path)
+    if source is None:
+        return None, {}
+    meta = _read_json_object(source)
     case = case_name(ref_path)
-    for entry in meta.get("training", []) + meta.get("test", []):
+    entries: list = []
+    for key in ("training", "test"):
+        value = meta.get(key) or []
+        if not isinstance(value, list):
+            raise InputError(f"'{key}' must be a list of cases", source)
+        entries += value
+    for entry in entries:
         if isinstance(entry, dict) and case_name(str(entry.get("label", ""))) == case:
-            return dict(entry.get("classes", {}))
-    return {}
+            classes = entry.get("classes", {})
+            if not isinstance(classes, dict) or not all(isinstance(k, str) and isinstance(v, str) and k and v
+                                                        for k, v in classes.items()):
+                raise InputError(f"case {case!r}: 'classes' must map task names to class names", source)
+            return source, dict(classes)
+    return source, {}
+
+
+def read_tags(tags: Path) -> Dict[str, Dict[str, float]]:
+    """task -> class probabilities of a ``<case>.tags.json``; InputError when they are malformed (a task twice,
+    fewer than two classes, a probability that is not a number in [0, 1])."""
+    doc = _read_json_object(tags)
+    out: Dict[str, Dict[str, float]] = {}
+    try:
+        for c in doc.get("classifications", []):
+            task, probabilities = str(c["task"]), c["probabilities"]
+            if task in out:
+                raise InputError(f"task {task!r} is given twice", tags)
+            out[task] = {str(k): float(v) for k, v in probabilities.items()}
+            if len(out[task]) < 2 or not all(0.0 <= v <= 1.0 for v in out[task].values()):
+                raise InputError(f"task {task!r}: expected a probability in [0, 1] for each of two or more classes",
+                                 tags)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise InputError("not a medautolabel tags file: its classifications are malformed", tags) from None
+    return out
 
 
 def predicted_classes(pred_path: Path) -> Dict[str, Dict[str, float]]:
-    """task -> class probabilities from the prediction's ``<case>.tags.json``, if present."""
-    tags = pred_path.parent / f"{pred_path.name[: -len(_suffix(pred_path))]}.tags.json"
-    if not tags.is_file():
-        return {}
-    doc = _read_json_object(tags)
-    try:
-        return {str(c["task"]): {str(k): float(v) for k, v in c["probabilities"].items()}
-                for c in doc.get("classifications", [])}
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise InputError("not a medautolabel tags file: its classifications are malformed", tags) from None
+    """task -> class probabilities from the prediction labelmap's ``<case>.tags.json``, if present."""
+    tags = tags_path(pred_path)
+    return read_tags(tags) if tags.is_file() else {}
 
 
 def _suffix(path: Path) -> str:
