@@ -73,12 +73,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _dispatch(argv: List[str]) -> int:
     """Parse ``argv``, prepare the process for the command (MONAI, demo seed) and run it."""
-    args = build_parser().parse_args(argv)
-    args.argv = argv
-    if args.command in MONAI_COMMANDS:
-        from medautolabel.runtime.monai_import import import_lean
+    with signals_held():  # the commands' modules, torch, MONAI, scipy, SimpleITK: imported whole or not at all
+        args = build_parser().parse_args(argv)
+        args.argv = argv
+        if args.command in MONAI_COMMANDS:
+            from medautolabel.runtime.monai_import import import_lean
 
-        with signals_held():  # torch, MONAI, scipy, SimpleITK: imported whole or not at all
             import_lean()
             for name in PRELOAD.get(args.command, ()):
                 importlib.import_module(name)
@@ -144,6 +144,7 @@ def run() -> None:
     flush) still run, and every file medautolabel writes is closed before ``main`` returns. Only for
     a process of its own: in-process callers use ``main``.
     """
+    _holding[0] = True  # from the first moment the handlers are armed until the start-up imports are done
     for s in STOP_SIGNALS:
         signal.signal(s, _stop)
     status = main()
