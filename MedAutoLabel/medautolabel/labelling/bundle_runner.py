@@ -3,6 +3,8 @@
 The bundle's network, preprocessing, inferer and postprocessing are used (parsed with
 ``monai.bundle.ConfigParser``; its ``SaveImaged`` is left out: the engine writes the outputs), so
 labels match ``python -m monai.bundle run``; the result has the shape ``pipeline.label_image`` gives.
+A classification bundle (one row of class scores per image, bundle_classifier.py) gives tags and an
+empty labelmap, as a classification-only model card does.
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List, Tuple, Union
 
 import numpy as np
 
 from medautolabel.catalog.bundle import bundle_sha256, check_outside_code, config_file, is_trusted, trusted_file
 from medautolabel.errors import ModelError
 from medautolabel.image import Image
-from medautolabel.result import Code, Result, SegmentInfo, Terminology
+from medautolabel.labelling.bundle_classifier import activation, bundle_task, probability_row, probability_transforms
+from medautolabel.result import Classification, Code, Result, SegmentInfo, Terminology
 
 STRUCTURE = Code("SCT", "123037004", "Anatomical Structure")
 TISSUE = Code("SCT", "85756007", "Tissue")
@@ -38,6 +41,7 @@ class BundleModel:
         config = config_file(self.folder)
         if config is None:
             raise ModelError("not a MONAI bundle (configs/inference.json missing)", self.folder)
+        self.config = config
         self.sha256 = bundle_sha256(self.folder)
         if not (trust or is_trusted(self.folder)):
             raise ModelError(f"MONAI bundle configs can run Python code, so this bundle runs only when trusted: "
@@ -70,8 +74,12 @@ class BundleModel:
             post = parser.get_parsed_content("postprocessing")
         except Exception as e:
             raise ModelError(f"cannot build the bundle's network or transforms: {e}", config) from None
-        transforms = post.transforms if isinstance(post, Compose) else [post]
-        self.postprocessing = Compose([t for t in transforms if not isinstance(t, SaveImaged)])
+        transforms = [t for t in (post.transforms if isinstance(post, Compose) else [post])
+                      if not isinstance(t, SaveImaged)]
+        self.postprocessing = Compose(transforms)
+        # a classifier's postprocessing up to its probabilities (no argmax), and its activation
+        self.probability_postprocessing = Compose(probability_transforms(transforms))
+        self.activation = activation(transforms)
         weights = self.folder / "models" / "model.pt"
         try:
             state = torch.load(str(weights), map_location=self.device, weights_only=True)
@@ -116,12 +124,14 @@ class BundleModel:
         return out
 
     def label(self, image: Image, progress=None) -> Result:
-        """Label ``image`` with the bundle's own transforms; the labels land on the input's grid."""
+        """Label ``image`` with the bundle's own transforms; the labels land on the input's grid.
+
+        A classifier bundle (the network gives ``(B, classes)``) labels nothing: an all-zero labelmap on
+        the input's grid, no segments, and its tags (bundle_classifier.py).
+        """
         import torch
 
-        from medautolabel.geometry import image_from_ijk_array
         from medautolabel.io.images import write_image
-        from medautolabel.labelling.preprocess import resample
 
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="medautolabel-bundle-") as tmp:
@@ -136,15 +146,16 @@ class BundleModel:
             data["image"] = data["image"].cpu()
             if progress:
                 progress(0.9, "postprocessing")
-            data = self.postprocessing(data)
-        pred = data["pred"]
-        array = np.asarray(pred.detach().cpu().numpy()[0]).round().astype(np.uint8)
-        labels = image_from_ijk_array(array, np.asarray(pred.affine, dtype=np.float64))
-        if labels.array.shape != image.array.shape or not np.allclose(labels.ijk_to_ras, image.ijk_to_ras,
-                                                                        atol=1e-3):
-            labels = Image(resample(labels.array, labels.ijk_to_ras, image.array.shape, image.ijk_to_ras, order=0)
-                           .astype(np.uint8), image.ijk_to_ras)
-        labels = Image(labels.array, image.ijk_to_ras.copy(), {})
+            classifier = data["pred"].ndim == 1  # (classes,): one row of scores for the image
+            outputs = int(data["pred"].shape[0])
+            data = (self.probability_postprocessing if classifier else self.postprocessing)(data)
+        if classifier:
+            labels = Image(np.zeros(image.array.shape, dtype=np.uint8), image.ijk_to_ras.copy(), dict(image.meta))
+            segments: List[SegmentInfo] = []
+            classes = self._classes(data["pred"], outputs)
+        else:
+            labels, segments = self._labels(image, data["pred"])
+            classes = []
         if progress:
             progress(1.0, "done")
         import monai
@@ -153,8 +164,36 @@ class BundleModel:
                                 "version": str(self.metadata.get("version", "")), "weights": "models/model.pt",
                                 "weights_sha256": hashlib.sha256((self.folder / "models" / "model.pt").read_bytes())
                                 .hexdigest(), "bundle_sha256": self.sha256, "format": "MONAI bundle"},
-                      "device": str(self.device), "confidence": "not computed for MONAI bundles",
+                      "device": str(self.device),
                       "timings_s": {"total": round(time.perf_counter() - t0, 4)},
                       "software": {"monai": monai.__version__, "torch": torch.__version__},
                       "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        return Result(labels, self.segments(labels.array, image.voxel_volume_ml), [], provenance)
+        if not classifier:
+            provenance["confidence"] = "not computed for MONAI bundles"
+        return Result(labels, segments, classes, provenance)
+
+    def _labels(self, image: Image, pred: Any) -> Tuple[Image, List[SegmentInfo]]:
+        """The postprocessed label prediction on ``image``'s grid, and its segments."""
+        from medautolabel.geometry import image_from_ijk_array
+        from medautolabel.labelling.preprocess import resample
+
+        array = np.asarray(pred.detach().cpu().numpy()[0]).round().astype(np.uint8)
+        labels = image_from_ijk_array(array, np.asarray(pred.affine, dtype=np.float64))
+        if labels.array.shape != image.array.shape or not np.allclose(labels.ijk_to_ras, image.ijk_to_ras,
+                                                                        atol=1e-3):
+            labels = Image(resample(labels.array, labels.ijk_to_ras, image.array.shape, image.ijk_to_ras, order=0)
+                           .astype(np.uint8), image.ijk_to_ras)
+        labels = Image(labels.array, image.ijk_to_ras.copy(), {})
+        return labels, self.segments(labels.array, image.voxel_volume_ml)
+
+    def _classes(self, pred: Any, outputs: int) -> List[Classification]:
+        """A classifier bundle's tags from its postprocessed probabilities (classify.tags decides);
+        ``outputs``: how many scores the network gave (one per class of metadata's channel_def)."""
+        from medautolabel.labelling.classify import tags
+
+        task = bundle_task(self.folder, self.metadata, self.sidecar, self.activation, outputs, self.config)
+        threshold = self.sidecar.get("low_confidence_threshold", 0.5)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+            raise ModelError("low_confidence_threshold must be a number in 0..1",
+                             self.folder / "configs" / "medautolabel.json")
+        return tags(task, probability_row(pred, task, self.config), float(threshold))

@@ -135,12 +135,23 @@ def classify(card: ModelCard, image: Image, labelmap: Optional[Image], device: t
         else:
             net = networks(task) if networks is not None else load_classifier(card, task, device)
             row = combine(task, network_probabilities(task, regions, net, device))
-        if task.activation == "softmax":
-            probs = {c: float(p) for c, p in zip(task.classes, row)}
-            out.append(_tag(task, task.task, probs, decide(task, probs), threshold))
-            continue
-        for cls, p in zip(task.classes, row):
-            probs = {"absent": 1.0 - float(p), "present": float(p)}
-            cut = task.thresholds.get(cls, 0.5)
-            out.append(_tag(task, f"{task.task}/{cls}", probs, "present" if p >= cut else "absent", threshold))
+        out += tags(task, row, threshold)
+    return out
+
+
+def tags(task: ClassificationTask, row: Sequence[float], threshold: float) -> List[Classification]:
+    """The Classification(s) one probability row over ``task.classes`` makes (classifier networks, bundles).
+
+    Softmax: one tag named ``task.task`` whose label ``decide`` picks. Sigmoid: each class an
+    independent finding, one tag per class named "<task>/<class>" with classes absent/present,
+    "present" from the class's threshold (default 0.5). ``threshold``: below it a tag is low-confidence.
+    """
+    if task.activation == "softmax":
+        probs = {c: float(p) for c, p in zip(task.classes, row)}
+        return [_tag(task, task.task, probs, decide(task, probs), threshold)]
+    out = []
+    for cls, p in zip(task.classes, row):
+        probs = {"absent": 1.0 - float(p), "present": float(p)}
+        cut = task.thresholds.get(cls, 0.5)
+        out.append(_tag(task, f"{task.task}/{cls}", probs, "present" if p >= cut else "absent", threshold))
     return out
