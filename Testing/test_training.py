@@ -329,10 +329,18 @@ def test_builtin_recipe_config_runs(dataset, tmp_path):
     cfg.update(epochs=1, iterations_per_epoch=1, threads=1)
     cfg["validation"]["fraction"] = 0.0
     cfg["classification"]["crop_size"] = [48, 48, 48]
+    # the recipe's aneurysm classifier, for this dataset's task, one epoch on a small grid
+    assert [c["task"] for c in cfg["classifiers"]] == ["aneurysm"]
+    cfg["classifiers"][0].update(task="finding", epochs=1, validation_fraction=0.25,
+                                 input={"region": "whole", "shape": [16, 16, 16], "spacing": [4.0, 4.0, 4.0]})
     result = train(dataset, tmp_path / "vnc", config=cfg, device="cpu", cache_path=tmp_path / "c.h5",
                    log=lambda m: None)
     card = ModelCard.load(result.model_dir)
-    assert card.id == "vessel-nerve-cta" and card.network.parameters["out_channels"] == 4
+    # the task with a classifier network gets no evidence channel: softmax channels only
+    assert card.id == "vessel-nerve-cta" and card.network.parameters["out_channels"] == 3
+    (task,) = card.classification
+    assert (task.task, task.method, task.network.architecture) == ("finding", "network", "ResNet")
+    assert task.temperature > 0 and (result.model_dir / task.network.weights).is_file()
     assert [(x.name, x.channel, x.postprocessing.min_size_mm3) for x in card.labels] == [
         ("Vessel", 1, 20.0), ("Nerve", 2, 10.0)]
     assert card.inference.roi_size == (96, 96, 96) and card.low_confidence_threshold == 0.7
