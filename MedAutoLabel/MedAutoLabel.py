@@ -139,8 +139,10 @@ class MedAutoLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if card is None:
             self.ui.modelDescriptionLabel.text = ""
             return
-        labels = ", ".join(lab.name for lab in card.labels)
-        classes = ", ".join(f"{t.task} ({'/'.join(t.classes)})" for t in card.classification) or "none"
+        labels = ", ".join(lab.name for lab in card.labels) or "none (classification only: no segmentation)"
+        classes = ", ".join(f"{t.task} ({'/'.join(t.classes)}, {t.method}"
+                            + ("" if t.validated else ", <i>not validated</i>") + ")"
+                            for t in card.classification) or "none"
         source = card.provenance.get("training_data", "") or str(card.path.parent if card.path else "")
         metrics = "; ".join(f"{k} {v}" for k, v in card.metrics.items() if not isinstance(v, dict))
         self.ui.modelDescriptionLabel.text = (f"<b>{card.name}</b> v{card.version} ({card.modality})<br>"
@@ -210,7 +212,9 @@ class MedAutoLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.showResults(out)
                 self.ui.progressBar.value = 100
                 seconds = out.provenance.get("timings_s", {}).get("total", 0.0)
-                self.ui.statusLabel.text = f"Done in {seconds:.1f} s on {out.provenance.get('device', '?')}."
+                self.ui.statusLabel.text = f"Done in {seconds:.1f} s on {out.provenance.get('device', '?')}." + (
+                    "" if out.segmentationNode is not None else " Tags only (the model segments nothing): "
+                                                                "see the volume's findings table.")
         finally:
             self.runner.cleanup()
 
@@ -231,11 +235,13 @@ class MedAutoLabelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             cells = [s.name, f"{s.volume_ml:.2f}", f"{s.mean_confidence:.2f}", "yes" if s.low_confidence else ""]
             for col, text in enumerate(cells):
                 table.setItem(row, col, qt.QTableWidgetItem(text))
-        self.ui.show3DButton.enabled = True
-        self.ui.evaluatePredictionSelector.setCurrentNode(out.segmentationNode)
+        hasSegments = out.segmentationNode is not None  # None: a classification-only model
+        self.ui.show3DButton.enabled = hasSegments
+        if hasSegments:
+            self.ui.evaluatePredictionSelector.setCurrentNode(out.segmentationNode)
 
     def onShow3D(self) -> None:
-        if self.lastOutput is not None:
+        if self.lastOutput is not None and self.lastOutput.segmentationNode is not None:
             self.lastOutput.segmentationNode.CreateClosedSurfaceRepresentation()
 
     def onEvaluate(self) -> None:

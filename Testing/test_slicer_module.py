@@ -334,3 +334,98 @@ def test_a_tag_that_missed_its_validation_says_so_in_the_scene(scene, tmp_path):
     assert row["Kind"] == "classification" and row["Method"] == "voxel_evidence"
     assert row["Validated"] == "no: not validated"
     assert [c.validated for c in out.classifications] == [False]
+
+
+def _findings_rows(table) -> list:
+    header = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
+    return [dict(zip(header, [table.GetCellText(r, c) for c in range(len(header))]))
+            for r in range(table.GetNumberOfRows())]
+
+
+def _check_classifier_tags_in_scene(scene, volume, out, model_dir) -> None:
+    """A classification-only model's tags on the volume, its subject-hierarchy item and the findings table."""
+    import hashlib
+
+    from classifiermodel import EXPECTED
+
+    sh = scene.GetSubjectHierarchyNode()
+    item = scene_io.subject_hierarchy_item(scene, volume)
+    for tag, (label, p, low, validated) in EXPECTED.items():
+        for get in (volume.GetAttribute, lambda key: sh.GetItemAttribute(item, key)):
+            assert get(f"MedAutoLabel.Class.{tag}") == label
+            assert float(get(f"MedAutoLabel.Probability.{tag}")) == pytest.approx(p, abs=1e-4)
+            assert get(f"MedAutoLabel.LowConfidence.{tag}") == ("1" if low else "0")
+            assert get(f"MedAutoLabel.Method.{tag}") == "network"
+            assert get(f"MedAutoLabel.Validated.{tag}") == ("1" if validated else "0")
+    assert volume.GetAttribute("MedAutoLabel.Model") == "classifier-only"
+    assert volume.GetAttribute("MedAutoLabel.WeightsSHA256") == ""  # no segmentation network
+    for task in ("aneurysm", "findings"):  # the weights that made each task's tags
+        assert volume.GetAttribute(f"MedAutoLabel.WeightsSHA256.{task}") == \
+            hashlib.sha256((model_dir / f"{task}.pt").read_bytes()).hexdigest()
+    rows = _findings_rows(out.tableNode)
+    assert [(r["Kind"], r["Name"], r["Value"], r["Method"], r["Validated"]) for r in rows] == [
+        ("classification", tag, label, "network", "yes" if validated else "no: not validated")
+        for tag, (label, _p, _low, validated) in EXPECTED.items()]
+    assert [float(r["Probability"]) for r in rows] == pytest.approx([e[1] for e in EXPECTED.values()], abs=1e-3)
+    assert out.segmentationNode is None and out.segments == []
+    assert [c.task for c in out.classifications] == list(EXPECTED)
+
+
+def test_a_classification_only_model_tags_the_volume_and_adds_no_segmentation(scene, tmp_path):
+    """No segmentation node (nothing to show); a given one is left as it was; a tag an earlier run left
+    on the volume is removed, so no other model's tag stands beside this run's model and date."""
+    from classifiermodel import write_classifier_model
+
+    folder = write_classifier_model(tmp_path / "classifier-only")
+    image = sphere_image()
+    volume = scene_io.image_to_volume(image, scene, "CTA")
+    sh = scene.GetSubjectHierarchyNode()
+    study = sh.CreateStudyItem(sh.CreateSubjectItem(sh.GetSceneItemID(), "P"), "S")
+    sh.SetItemParent(scene_io.subject_hierarchy_item(scene, volume), study)
+    volume.SetAttribute("MedAutoLabel.Class.old-task", "present")  # from an earlier run with another model
+    sh.SetItemAttribute(scene_io.subject_hierarchy_item(scene, volume), "MedAutoLabel.Class.old-task", "present")
+    volume.SetAttribute("DICOM.Modality", "CT")  # not ours: kept
+    mine = _segmentation_with(scene, volume, [("Mine", image.array > 150)])
+
+    out = MedAutoLabelLogic(scene).autoLabel(volume, model=str(folder), device="cpu", outputSegmentationNode=mine)
+    _check_classifier_tags_in_scene(scene, volume, out, folder)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1  # only the user's own
+    assert mine.GetSegmentation().GetNumberOfSegments() == 1 and mine.GetAttribute("MedAutoLabel.Model") is None
+    assert volume.GetAttribute("MedAutoLabel.Class.old-task") is None
+    assert not sh.HasItemAttribute(scene_io.subject_hierarchy_item(scene, volume), "MedAutoLabel.Class.old-task")
+    assert volume.GetAttribute("DICOM.Modality") == "CT"
+    assert out.tableNode.GetName() == "CTA findings"
+    assert sh.GetItemParent(scene_io.subject_hierarchy_item(scene, out.tableNode)) == study
+
+
+def test_a_classification_only_result_through_the_worker_and_process_files(scene, tmp_path):
+    """The panel's path (worker request -> result files -> runner.read_result -> applyResult) and processFiles
+    (the .seg.nrrd opens in Slicer's own reader with no segments)."""
+    import io
+    import json
+
+    from classifiermodel import write_classifier_model
+
+    from MedAutoLabelLib import worker
+
+    folder = write_classifier_model(tmp_path / "classifier-only")
+    image = sphere_image("flipped-anisotropic")
+    write_image(image, tmp_path / "run" / "input.nrrd")
+    sent = io.StringIO()
+    worker.handle({"id": 7, "image": str(tmp_path / "run" / "input.nrrd"), "output": str(tmp_path / "run"),
+                   "model": str(folder), "options": {"device": "cpu"}, "modality": "CT"}, sent)
+    done = json.loads(sent.getvalue().splitlines()[-1])
+    assert done["event"] == "done", done
+    volume = scene_io.image_to_volume(image, scene, "CTA")
+    out = MedAutoLabelLogic(scene).applyResult(volume, BackgroundLabeller().read_result(done))
+    _check_classifier_tags_in_scene(scene, volume, out, folder)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+
+    path = tmp_path / "in" / "scan.nrrd"
+    write_image(image, path)
+    records = MedAutoLabelLogic(scene).processFiles([path], tmp_path / "out", model=str(folder), device="cpu")
+    assert [r["status"] for r in records] == ["ok"]
+    loaded = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "loaded")
+    reader = slicer.vtkMRMLSegmentationStorageNode()
+    reader.SetFileName(str(tmp_path / "out" / "scan.seg.nrrd"))
+    assert reader.ReadData(loaded) and loaded.GetSegmentation().GetNumberOfSegments() == 0

@@ -35,7 +35,7 @@ ProgressFn = Callable[[float, str], None]
 class AutoLabelOutput:
     """What ``autoLabel`` leaves in the scene and reports."""
 
-    segmentationNode: Any
+    segmentationNode: Any  # None when the model segments nothing (classification only)
     tableNode: Any
     classifications: List[Classification]
     segments: List[SegmentInfo]
@@ -103,14 +103,23 @@ class MedAutoLabelLogic(ScriptedLoadableModuleLogic):
         return value or None
 
     def applyResult(self, inputVolumeNode, result: Result, outputSegmentationNode=None) -> AutoLabelOutput:
-        """Write an engine Result into the scene: segmentation, attributes, findings table, subject hierarchy."""
+        """Write an engine Result into the scene: segmentation, attributes, findings table, subject hierarchy.
+
+        A result without segments (a classification-only model segments nothing) adds no segmentation
+        node and leaves ``outputSegmentationNode`` as it was (an empty node would only clutter the
+        scene, and emptying the given one would destroy its segments): its tags go on the input
+        volume node and its subject-hierarchy item and into the findings table, and the returned
+        ``segmentationNode`` is None.
+        """
         scene = self.scene
         name = inputVolumeNode.GetName()
-        seg = outputSegmentationNode or scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{name} auto-labels")
-        if seg.GetDisplayNode() is None:
-            seg.CreateDefaultDisplayNodes()
-        scene_io.fill_segmentation(seg, inputVolumeNode, result.labelmap.array, result.segments)
-        scene_io.place_beside(scene, seg, inputVolumeNode)
+        seg = None
+        if result.segments:
+            seg = outputSegmentationNode or scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{name} auto-labels")
+            if seg.GetDisplayNode() is None:
+                seg.CreateDefaultDisplayNodes()
+            scene_io.fill_segmentation(seg, inputVolumeNode, result.labelmap.array, result.segments)
+            scene_io.place_beside(scene, seg, inputVolumeNode)
         table_name = f"{name} findings"
         table = scene.GetFirstNodeByName(table_name)
         if table is None or not table.IsA("vtkMRMLTableNode"):
@@ -119,7 +128,7 @@ class MedAutoLabelLogic(ScriptedLoadableModuleLogic):
         scene_io.place_beside(scene, table, inputVolumeNode)
         attributes = scene_io.classification_attributes(result.classifications)
         attributes.update(scene_io.provenance_attributes(result.provenance))
-        scene_io.set_attributes(scene, [inputVolumeNode, seg], attributes)
+        scene_io.set_attributes(scene, [inputVolumeNode] + ([seg] if seg is not None else []), attributes)
         return AutoLabelOutput(seg, table, list(result.classifications), list(result.segments),
                                dict(result.provenance), result, repair_notes(result.provenance))
 

@@ -119,14 +119,26 @@ def provenance_attributes(provenance: Dict[str, Any]) -> Dict[str, str]:
             f"{ATTRIBUTE_PREFIX}Date": str(provenance.get("date", "")),
             f"{ATTRIBUTE_PREFIX}DurationSeconds": f"{provenance.get('timings_s', {}).get('total', 0.0):.2f}",
             # what was repaired in the input (interpolated DICOM slices, replaced NaN voxels); "" if nothing
-            f"{ATTRIBUTE_PREFIX}InputRepairs": "; ".join(repair_notes(provenance))}
+            f"{ATTRIBUTE_PREFIX}InputRepairs": "; ".join(repair_notes(provenance)),
+            # the weights behind each classifier network's tags (a classification-only model has no
+            # segmentation weights: WeightsSHA256 is "" then, and these say what made its tags)
+            **{f"{ATTRIBUTE_PREFIX}WeightsSHA256.{c.get('task', '')}": str(c.get("weights_sha256", ""))
+               for c in provenance.get("classifiers", []) or []}}
 
 
 def set_attributes(scene, nodes: Sequence[Any], attributes: Dict[str, str]) -> None:
-    """Set ``attributes`` on each node and on its subject-hierarchy item."""
+    """Set ``attributes`` on each node and on its subject-hierarchy item, replacing every ``MedAutoLabel.*``
+    attribute an earlier run left there: a tag of another model (e.g. before the model was changed)
+    must never be shown as this run's, next to this run's model and date."""
     sh = scene.GetSubjectHierarchyNode()
     for node in nodes:
         item = subject_hierarchy_item(scene, node)
+        for key in node.GetAttributeNames() or ():
+            if key.startswith(ATTRIBUTE_PREFIX):
+                node.RemoveAttribute(key)
+        for key in sh.GetItemAttributeNames(item) or ():
+            if key.startswith(ATTRIBUTE_PREFIX):
+                sh.RemoveItemAttribute(item, key)
         for key, value in attributes.items():
             node.SetAttribute(key, value)
             sh.SetItemAttribute(item, key, value)

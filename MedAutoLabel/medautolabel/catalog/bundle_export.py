@@ -169,6 +169,9 @@ def export_bundle(model: Union[str, Path, ModelCard], out_dir: Union[str, Path],
     from medautolabel.runtime.network import build_network, load_network
 
     card = resolve_model(model)
+    if not card.segments:
+        raise ModelError("is a classification-only model (no segmentation network): exporting it as a MONAI "
+                         "bundle is not supported", card.path)
     if card.network.architecture == "TorchScript":
         raise ModelError("TorchScript models cannot be exported as a bundle network definition", card.path)
     out = Path(out_dir)

@@ -43,8 +43,8 @@ def register(sub) -> argparse.ArgumentParser:
                        description="Label every image file and DICOM series folder under INPUT_DIR, in parallel "
                                    "worker processes (a local Dask cluster, or --scheduler). Finished cases are "
                                    "skipped, so rerun a killed batch to resume it; a failing case is recorded and "
-                                   "the others go on. Writes OUT/summary.csv (case, status, seconds, classes, "
-                                   "segment volumes).",
+                                   "the others go on. Writes OUT/summary.csv (case, status, seconds, tags with p and "
+                                   "validated, segment volumes).",
                        epilog="examples:\n  medautolabel batch studies/ -o labels/ --workers 2\n"
                               "  medautolabel batch /data/studies -o /data/labels --scheduler tcp://head:8786",
                        formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -19,6 +19,39 @@ def _source(card) -> str:
     return "built-in" if folder.parent == BUILTIN_DIR else str(folder)
 
 
+def _network(spec) -> str:
+    """A network entry in one phrase: architecture, weights file, sha256."""
+    return f"{spec.architecture} ({spec.weights}, sha256 {spec.sha256 or 'not given'})"
+
+
+def _task_lines(task) -> list:
+    """A classification task: classes, method, validation; for a classifier network also what it looks at
+    and how its probabilities are made and decided."""
+    sigmoid = task.method == "network" and task.activation == "sigmoid"
+    classes = (", ".join(task.classes) + "; independent findings, one tag each as task/class (absent / present)"
+               if sigmoid else " / ".join(task.classes))
+    lines = [f"  classification: {task.task} ({classes}) by {task.method}"
+             + ("" if task.validated else ", NOT VALIDATED")]
+    if task.method != "network":
+        return lines
+    i = task.input
+    region = i.region
+    if i.segment is not None:
+        region += f" of segment {i.segment!r} (margin {i.margin_mm:g} mm)"
+    if i.region == "components":
+        region += f", combined by {i.combine}"
+    size = " x ".join(str(n) for n in i.shape) + " voxels"
+    if i.spacing is not None:
+        size += " at " + " x ".join(f"{s:g}" for s in i.spacing) + " mm"
+    rule = ", ".join(f"{k} from p {v:g}" for k, v in task.thresholds.items())
+    if sigmoid:
+        rule = "present from p 0.5" + (f" ({rule})" if rule else "")
+    lines += [f"    network: {_network(task.network)}",
+              f"    looks at: {region}, resampled to {size}",
+              f"    {task.activation}, temperature {task.temperature:g}; decides: {rule or 'most probable class'}"]
+    return lines
+
+
 def cmd_models_list(args: argparse.Namespace) -> int:
     """One row per model that can be found."""
     from medautolabel.catalog.registry import list_models
@@ -29,7 +62,8 @@ def cmd_models_list(args: argparse.Namespace) -> int:
         return 0
     rows = [("ID", "VERSION", "MODALITY", "LABELS", "CLASSES", "SOURCE")]
     for c in cards:
-        rows.append(tuple(printable(v) for v in (c.id, c.version, c.modality, ", ".join(lab.name for lab in c.labels),
+        labels = ", ".join(lab.name for lab in c.labels) or "- (classification only)"
+        rows.append(tuple(printable(v) for v in (c.id, c.version, c.modality, labels,
                                                  ", ".join(t.task for t in c.classification) or "-", _source(c))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -48,18 +82,23 @@ def cmd_models_show(args: argparse.Namespace) -> int:
     if c.description:
         say(f"  {c.description}")
     say(f"  modality: {c.modality}; input channels: " + ", ".join(ch.name for ch in c.input))
-    say(f"  network: {c.network.architecture} ({c.network.weights}, sha256 {c.network.sha256 or 'not given'})")
     spacing = "native" if pre.spacing is None else " x ".join(f"{s:g}" for s in pre.spacing) + " mm"
-    say(f"  grid: {pre.orientation or 'native'} orientation, {spacing}; "
-         f"window {' x '.join(str(r) for r in c.inference.roi_size)}, overlap {c.inference.overlap:g}")
-    say("  labels:")
+    if c.network is None:
+        say("  network: none (classification only: labels nothing, gives tags)")
+        say(f"  grid: {pre.orientation or 'native'} orientation")
+    else:
+        say(f"  network: {_network(c.network)}")
+        say(f"  grid: {pre.orientation or 'native'} orientation, {spacing}; "
+            f"window {' x '.join(str(r) for r in c.inference.roi_size)}, overlap {c.inference.overlap:g}")
+        say("  labels:")
     for lab in c.labels:
         rgb = "#" + "".join(f"{round(255 * v):02x}" for v in lab.color)
         t = lab.terminology
         say(f"    {lab.value}  {lab.name}  {rgb}  {t.category.scheme}:{t.category.value} {t.category.meaning} / "
              f"{t.type.scheme}:{t.type.value} {t.type.meaning}")
     for task in c.classification:
-        say(f"  classification: {task.task} ({' / '.join(task.classes)}) by {task.method}")
+        for line in _task_lines(task):
+            say(line)
     say(f"  low-confidence threshold: {c.low_confidence_threshold:g}")
     for key in ("command", "retrain", "training_data", "training_time", "seeds", "date"):
         if key in c.provenance:

@@ -222,7 +222,9 @@ def run_batch(cases: Sequence[PathLike], out_dir: PathLike, model: str = "vessel
 
 
 def summary_rows(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """One flat row per case: case, status, seconds, message, worker, each task's class and p, each segment's mL."""
+    """One flat row per case: case, status, seconds, message, worker, each tag's class, p and whether it is
+    validated ("no": it missed its validation targets), each segment's mL (none for a classification-only
+    model). A sigmoid task's findings are tags of their own ("<task>/<class>")."""
     rows = []
     for r in records:
         facts = r.get("facts") or {}
@@ -232,6 +234,7 @@ def summary_rows(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
         for c in facts.get("classifications", []):
             row[c["task"]] = c["label"]
             row[f"{c['task']} p"] = round(float(c["probability"]), 4)
+            row[f"{c['task']} validated"] = "yes" if c.get("validated", True) else "no"
         for s in facts.get("segments", []):
             row[f"{s['name']} mL"] = round(float(s["volume_ml"]), 4)
         rows.append(row)

@@ -75,7 +75,9 @@ def run_demo(out_dir: Union[str, Path], device: str = "auto", seed: int = DEMO_S
     voxel_mm3 = float(abs(np.linalg.det(ph.image.ijk_to_ras[:3, :3])))
     files = {"image": out / "phantom.nrrd", "reference": out / "phantom-reference.seg.nrrd"}
     write_image(ph.image, files["image"])
-    write_seg_nrrd(ph.labels, reference_segments(card, ph.labels.array, voxel_mm3), files["reference"])
+    # the phantom's label values are the built-in model's labels; a classification-only model has none
+    named_by = card if card.labels else resolve_model(DEMO_MODEL)
+    write_seg_nrrd(ph.labels, reference_segments(named_by, ph.labels.array, voxel_mm3), files["reference"])
 
     result = label_image(ph.image, card, device=device, progress=progress)
     seg, tags = write_result(result, out, "phantom", "seg.nrrd")

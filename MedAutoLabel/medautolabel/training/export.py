@@ -102,6 +102,9 @@ def plan_model(cfg: TrainConfig, dataset: Dataset, base: Optional[ModelCard], mo
     channel_map: Optional[List[Optional[int]]] = None
     tasks: List[Dict[str, Any]] = []
     if base is not None:
+        if not base.segments:
+            raise ConfigError("is a classification-only model: it has no segmentation network to fine-tune "
+                              "(train its classifiers with --classifiers-only)", base.path)
         base_dict = base.to_dict()
         labels = [copy.deepcopy(x) for x in base_dict["labels"]]  # keep every label of the base model
         labels.sort(key=lambda x: x["channel"])
