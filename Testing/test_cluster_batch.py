@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Dict
 
 import numpy as np
 import pytest
@@ -81,6 +82,16 @@ def test_two_workers_label_every_case_and_write_a_summary(model_dir, tmp_path, c
 
 
 @pytest.mark.slow
+def finished_cases(out: Path) -> Dict[str, int]:
+    """{labelmap name: mtime} of the cases with all their outputs in ``out``.
+
+    pathlib's glob matches hidden names: a SIGKILL during a write can leave a temporary behind, and a
+    kill between two renames leaves only a case's tags.json (renamed first): neither is finished.
+    """
+    return {p.name: p.stat().st_mtime_ns for p in out.glob("*.seg.nrrd")
+            if not p.name.startswith(TEMP_PREFIX) and (out / p.name.replace(".seg.nrrd", ".tags.json")).exists()}
+
+
 def test_a_killed_batch_resumes_without_rewriting_finished_cases(model_dir, tmp_path):
     # twelve studies, looked at every 10 ms: the batch cannot finish them all between the look that
     # sees two done and the kill (with six and 200 ms it sometimes did, and nothing was left to resume)
@@ -92,16 +103,13 @@ def test_a_killed_batch_resumes_without_rewriting_finished_cases(model_dir, tmp_
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 180
-        while time.time() < deadline and len(list(out.glob("*.tags.json"))) < 2:
+        while time.time() < deadline and len(finished_cases(out)) < 2:
             time.sleep(0.01)
-        assert len(list(out.glob("*.tags.json"))) >= 2, "the batch did not get going"
+        assert len(finished_cases(out)) >= 2, "the batch did not get going"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: driver, scheduler, worker
         proc.wait(timeout=30)
-    # pathlib's glob matches hidden names: a SIGKILL during a write can leave a temporary behind
-    # a case is finished when all its outputs are there (a kill between two renames leaves only its tags.json)
-    finished = {p.name: p.stat().st_mtime_ns for p in out.glob("*.seg.nrrd")
-                if not p.name.startswith(TEMP_PREFIX) and (out / p.name.replace(".seg.nrrd", ".tags.json")).exists()}
+    finished = finished_cases(out)
     assert 2 <= len(finished) < 12
     assert not (out / "summary.csv").exists()
     # Whether the kill hit a write is luck: make sure one unfinished case has a half-written temporary
