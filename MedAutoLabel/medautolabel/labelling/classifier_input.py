@@ -6,8 +6,8 @@ permuted input. The box becomes a grid of ``input.shape`` voxels: either the box
 that many voxels, or (``input.spacing``) that many voxels at that spacing centred on the box.
 The image is sampled onto it once (``preprocess.resample``, linear; outside the image the edge
 voxel is repeated) and normalised with the classifier's channels. Training
-(``training/classifier_data.py``) calls the same functions with the reference segmentation, so a
-classifier sees at training what it sees when labelling.
+(``training/classifier.py``, ``build_cases``) calls the same functions with the reference
+segmentation, so a classifier sees at training what it sees when labelling.
 """
 
 from __future__ import annotations

@@ -118,7 +118,12 @@ def case_probabilities(logits: torch.Tensor, counts: Sequence[int], task: Classi
     """(cases, classes) probabilities from the logits of every case's regions, combined as labelling does.
 
     A case without regions gets its first class with probability 1 (classify.py does the same).
+    One softmax over every region, and a Python step only for cases without or with several regions
+    (``fit_temperature`` calls this for each of its 400 temperatures).
     """
+    every = torch.softmax(logits / temperature, dim=1)
+    if all(n == 1 for n in counts):  # whole image or one segment: a case's row is its region's
+        return every
     rows = []
     start = 0
     for n in counts:
@@ -126,7 +131,7 @@ def case_probabilities(logits: torch.Tensor, counts: Sequence[int], task: Classi
             row = torch.zeros(len(task.classes), dtype=logits.dtype, device=logits.device)
             rows.append(row.index_fill(0, torch.tensor([0], device=logits.device), 1.0))
             continue
-        probs = torch.softmax(logits[start:start + n] / temperature, dim=1)
+        probs = every[start:start + n]
         start += n
         if task.input.combine == "mean":
             rows.append(probs.mean(dim=0))
@@ -171,7 +176,8 @@ def predict_logits(net: torch.nn.Module, cases: Sequence[ClassifierCase], device
     with float32_arithmetic():
         for start in range(0, len(cases), batch):
             logits, n = _forward(net, cases[start:start + batch], device)
-            outs.append(logits.cpu())
+            if logits.shape[0]:  # a chunk of cases without regions has no logits (and a placeholder shape)
+                outs.append(logits.cpu())
             counts += n
     net.train(was)
     return torch.cat(outs) if outs else torch.zeros((0, 1)), counts
@@ -236,8 +242,10 @@ def train_classifier(spec: ClassifierTraining, task: ClassificationTask, train_c
                 t = torch.as_tensor([c.target for c in batch], device=device)
                 loss = -torch.log(probs[torch.arange(len(batch)), t].clamp_min(1e-7)).mean()
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-            opt.step()
+                if loss.requires_grad:  # else every case drawn has no region (empty segment): nothing to learn
+                    loss.backward()
+            if loss.requires_grad:
+                opt.step()
             sched.step()
             losses.append(float(loss.detach()))
         logits, n = predict_logits(net, val_cases, device)
