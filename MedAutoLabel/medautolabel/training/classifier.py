@@ -7,7 +7,7 @@ MONAI's random flips, intensity scaling/shift and noise, and scores the validati
 every epoch: ROC AUC (binary: of the second class; several classes: the mean one-vs-rest AUC)
 picks the best epoch and stops the run after ``patience`` epochs without a better one. Finally
 one temperature is fitted on the validation cases (the value that minimises their negative
-log-likelihood, found on a grid of 400 values from 0.05 to 20: one parameter needs no optimiser)
+log-likelihood, found on a grid of 400 values from 0.25 to 20: one parameter needs no optimiser)
 and written to the card, so the reported probabilities are calibrated.
 """
 
@@ -31,7 +31,9 @@ from medautolabel.runtime.network import build_from_spec, first_output
 from medautolabel.training.config import ClassifierTraining, ConfigError
 
 LogFn = Callable[[str], None]
-TEMPERATURES = np.exp(np.linspace(math.log(0.05), math.log(20.0), 400))
+# Not below 0.25: on validation cases the model happens to separate perfectly the likelihood keeps
+# rising as the temperature falls, which would make every later answer nearly 0 or 1.
+TEMPERATURES = np.exp(np.linspace(math.log(0.25), math.log(20.0), 400))
 
 
 @dataclass
@@ -185,7 +187,7 @@ def predict_logits(net: torch.nn.Module, cases: Sequence[ClassifierCase], device
 
 def fit_temperature(logits: torch.Tensor, counts: Sequence[int], targets: np.ndarray,
                     task: ClassificationTask) -> float:
-    """The temperature minimising the validation cases' negative log-likelihood (grid search, 0.05..20)."""
+    """The temperature minimising the validation cases' negative log-likelihood (grid search, 0.25..20)."""
     best, best_nll = 1.0, math.inf
     t = torch.as_tensor(targets, dtype=torch.long)
     for temperature in TEMPERATURES:
