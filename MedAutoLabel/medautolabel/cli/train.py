@@ -30,8 +30,8 @@ OPTIONS = {"epochs": "epochs", "iterations_per_epoch": "iterations", "classifica
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", type=Path, help="dataset folder (imagesTr/, labelsTr/, dataset.json) or a MONAI "
-                                           "datalist JSON")
+    p.add_argument("data", type=Path, help="dataset folder (imagesTr/, labelsTr/, dataset.json; or images + "
+                                           "labels.csv) or a MONAI datalist JSON")
     p.add_argument("-o", "--output", type=Path, required=True, dest="model_dir",
                    help="model folder to write (model.json, model.pt, training/)")
     p.add_argument("--config", help="training config file (JSON, or YAML with PyYAML) or the name of a built-in "
@@ -58,10 +58,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-after", type=positive_int, metavar="N", help=argparse.SUPPRESS)  # tests: stop as if killed
 
 
+def _refuse_unwritable(folder: Path) -> None:
+    """A read-only or forbidden place fails first, in one line, and nothing is made for a run refused later.
+
+    The nearest existing folder must be writable; when it is not, ``make_folder`` is left to fail
+    with the system's reason (read-only file system, permission denied).
+    """
+    existing = folder.expanduser().absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        make_folder(folder)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``medautolabel train`` from parsed arguments; returns the exit status."""
     from medautolabel.training.config import load_config
     from medautolabel.training.loop import train
+    from medautolabel.training.preflight import check_training
 
     command = "medautolabel train " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
     overrides = {key: getattr(args, dest) for key, dest in OPTIONS.items()}
@@ -71,7 +85,10 @@ def run(args: argparse.Namespace) -> int:
         if not args.resume and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 checks, before it writes
             check_new_folder(args.model_dir, [args.model_dir / "model.json", args.model_dir / "model.pt"],
                              [args.data], args.overwrite)
-            make_folder(args.model_dir)  # a read-only or forbidden place fails here, in one line
+            _refuse_unwritable(args.model_dir)
+            # the dataset, its case labels and the classifiers: a refused run makes no folder
+            check_training(args.data, args.model_dir, args.config, args.base, overrides)
+            make_folder(args.model_dir)
         train(args.data, args.model_dir, config=args.config, base=args.base, device=args.device,
               overrides=overrides, resume=args.resume, cache_path=args.cache, command=command,
               stop_after_epochs=args.stop_after)

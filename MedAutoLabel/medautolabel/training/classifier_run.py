@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from medautolabel.catalog.modelcard import ModelCard
+from medautolabel.errors import ModelError
 from medautolabel.image import Image
 from medautolabel.training.classifier import build_cases, task_entry, train_classifier
 from medautolabel.training.config import ClassifierTraining, ConfigError, TrainConfig
@@ -29,21 +30,95 @@ LogFn = Callable[[str], None]
 
 
 def stratified_split(cases: Sequence[Case], task: str, classes: Sequence[str], fraction: float,
-                     seed: int) -> Tuple[List[Case], List[Case]]:
-    """(training, validation) with every class in the same proportion in both (scikit-learn), fixed by ``seed``."""
+                     seed: int, where: Optional[Path] = None) -> Tuple[List[Case], List[Case]]:
+    """(training, validation) with every class in the same proportion in both (scikit-learn), fixed by ``seed``.
+
+    ``where`` (the case labels' file) is named when the classes have too few cases to split."""
     from sklearn.model_selection import train_test_split
 
     y = [list(classes).index(c.classes[task]) for c in cases]
     counts = np.bincount(y, minlength=len(classes))
     for name, n in zip(classes, counts):
         if n < 2:
-            raise ConfigError(f"task {task!r}: class {name!r} has {n} case(s); a stratified split needs at least 2")
+            raise ConfigError(f"task {task!r}: class {name!r} has {n} case(s); a stratified split needs at least 2",
+                              where)
     n_val = max(len(classes), int(round(fraction * len(cases))))
     if n_val >= len(cases) - len(classes) + 1:
         raise ConfigError(f"task {task!r}: {len(cases)} labelled cases are too few to hold out "
-                          f"{n_val} for validation")
+                          f"{n_val} for validation", where)
     train, val = train_test_split(list(cases), test_size=n_val, random_state=seed % 2**32, stratify=y)
     return sorted(train, key=lambda c: c.index), sorted(val, key=lambda c: c.index)
+
+
+def classifier_plan(dataset: Dataset, specs: Sequence[ClassifierTraining], segmentation: bool,
+                    config_path: Optional[Path] = None) -> List[ClassifierTraining]:
+    """The classifiers a run trains: the config's ``classifiers`` (each must name a task of the case labels) and,
+    when no segmentation network is trained, the default classifier for every other task.
+
+    With segmentation, a task without an entry is read from the network's evidence channel
+    (``voxel_evidence``), which tells two classes apart: a task of more classes must have an entry.
+    """
+    for n, spec in enumerate(specs):
+        if spec.task not in dataset.classes:
+            source = f"{dataset.class_file.name} " if dataset.class_file else ""
+            raise ConfigError(f"key 'classifiers[{n}].task': task {spec.task!r} has no case labels in the dataset "
+                              f"({source}tasks: {', '.join(map(repr, dataset.classes)) or 'none'})", config_path)
+    listed = {s.task for s in specs}
+    if segmentation:
+        for task, classes in dataset.classes.items():
+            if task not in listed and len(classes) > 2:
+                raise ConfigError(f"task {task!r} has {len(classes)} classes, but the segmentation network's evidence "
+                                  "channel (voxel_evidence) tells two apart: give the task a 'classifiers' entry in "
+                                  "the config", dataset.class_file)
+        return list(specs)
+    out = list(specs) + [ClassifierTraining(task=t) for t in dataset.classes if t not in listed]
+    if not out:
+        raise ConfigError("nothing to train: the dataset has no masks and no case labels (labels.csv or "
+                          "\"classes\" in dataset.json)", dataset.root)
+    return out
+
+
+def _config_key(n: int, spec: ClassifierTraining, configured: int) -> str:
+    """How a message names a classifier: its config entry, or the default one a task got."""
+    return f"classifiers[{n}]" if n < configured else f"classifiers (the default classifier of task {spec.task!r})"
+
+
+def _task_card(spec: ClassifierTraining, key: str, dataset: Dataset, card_dict: Dict[str, Any],
+               config_path: Optional[Path]) -> Tuple[Dict[str, Any], List[Dict[str, Any]], ModelCard]:
+    """The classifier's card entry, the card's classification list with it, and the card checked whole
+    (``ModelCard.from_dict``): a bad architecture, input or parameter is refused naming the config key."""
+    try:
+        entry = task_entry(spec, list(dataset.classes[spec.task]), card_dict)
+        tasks = [t for t in card_dict.get("classification", []) if t["task"] != spec.task] + [entry]
+        card = ModelCard.from_dict(dict(card_dict, classification=tasks))
+    except (ConfigError, ModelError) as e:
+        raise ConfigError(f"key '{key}': {e.problem}", config_path) from None
+    task = next(t for t in card.classification if t.task == spec.task)
+    needy = [c for c in dataset.all_cases() if spec.task in c.classes and c.label is None]
+    if task.input.region != "whole" and needy:
+        raise ConfigError(f"key '{key}.input.region': task {spec.task!r} looks at segment {task.input.segment!r}, "
+                          f"which needs a mask for every case labelled for the task ({len(needy)} have none)",
+                          config_path)
+    return entry, tasks, card
+
+
+def _split_for(spec: ClassifierTraining, dataset: Dataset, cfg: TrainConfig) -> Tuple[List[Case], List[Case]]:
+    """The task's labelled (training, validation) cases: the datalist's own validation list, else stratified."""
+    labelled = [c for c in dataset.cases if spec.task in c.classes]
+    if dataset.validation is not None:
+        return labelled, [c for c in dataset.validation if spec.task in c.classes]
+    fraction = spec.validation_fraction or cfg.validation.fraction
+    return stratified_split(labelled, spec.task, list(dataset.classes[spec.task]), fraction, cfg.seed,
+                            dataset.class_file)
+
+
+def check_classifiers(dataset: Dataset, cfg: TrainConfig, specs: Sequence[ClassifierTraining],
+                      card_dict: Dict[str, Any], config_path: Optional[Path] = None) -> None:
+    """Everything ``train_classifiers`` would refuse, checked before any work starts (the card of every
+    classifier, masks for region inputs, the split of every task)."""
+    for n, spec in enumerate(specs):
+        _task_card(spec, _config_key(n, spec, len(cfg.classifiers)), dataset, card_dict, config_path)
+        _split_for(spec, dataset, cfg)
 
 
 def _reference(case: Case, card: ModelCard, dataset: Dataset) -> Optional[Image]:
@@ -69,33 +144,22 @@ def _inputs(cases: Sequence[Case], card: ModelCard, task, dataset: Dataset) -> I
 
 def train_classifiers(dataset: Dataset, cfg: TrainConfig, specs: Sequence[ClassifierTraining],
                       card_dict: Dict[str, Any], dev: torch.device, say: LogFn,
-                      cancel: Optional[Callable[[], bool]] = None) -> Tuple[Dict[str, Any], Dict[str, Dict]]:
+                      cancel: Optional[Callable[[], bool]] = None,
+                      config_path: Optional[Path] = None) -> Tuple[Dict[str, Any], Dict[str, Dict]]:
     """Train every classifier of ``specs``; returns the card (classification entries added or replaced,
-    temperatures fitted, validation metrics in ``metrics.classifiers``) and {weights file name: state}."""
+    temperatures fitted, validation metrics in ``metrics.classifiers``) and {weights file name: state}.
+
+    It refuses what ``check_classifiers`` refuses (the same functions), which a run calls first."""
     card_dict = copy.deepcopy(card_dict)
     states: Dict[str, Dict[str, torch.Tensor]] = {}
     metrics: Dict[str, Any] = {}
-    for spec in specs:
-        if spec.task not in dataset.classes:
-            known = ", ".join(dataset.classes) or "none"
-            raise ConfigError(f"key 'classifiers': task {spec.task!r} has no case labels in the dataset "
-                              f"(tasks: {known})")
-        classes = list(dataset.classes[spec.task])
-        entry = task_entry(spec, classes, card_dict)
-        tasks = [t for t in card_dict.get("classification", []) if t["task"] != spec.task] + [entry]
-        trial = dict(card_dict, classification=tasks)
-        card = ModelCard.from_dict(trial)  # the classifier's settings are checked before any work
+    for n, spec in enumerate(specs):
+        entry, tasks, card = _task_card(spec, _config_key(n, spec, len(cfg.classifiers)), dataset, card_dict,
+                                        config_path)
         task = next(t for t in card.classification if t.task == spec.task)
-        if task.input.region != "whole" and any(c.label is None for c in dataset.cases):
-            raise ConfigError(f"key 'classifiers': task {spec.task!r} looks at segment {task.input.segment!r}, "
-                              "which needs a mask for every case")
+        classes = list(task.classes)
         labelled = [c for c in dataset.cases if spec.task in c.classes]
-        if dataset.validation is not None:
-            train_cases = labelled
-            val_cases = [c for c in dataset.validation if spec.task in c.classes]
-        else:
-            fraction = spec.validation_fraction or cfg.validation.fraction
-            train_cases, val_cases = stratified_split(labelled, spec.task, classes, fraction, cfg.seed)
+        train_cases, val_cases = _split_for(spec, dataset, cfg)
         say(f"classifier {spec.task!r} ({spec.architecture}, {task.input.region}): {len(train_cases)} training and "
             f"{len(val_cases)} validation cases; classes " + ", ".join(
                 f"{name} {sum(c.classes[spec.task] == name for c in labelled)}" for name in classes))

@@ -33,22 +33,16 @@ import torch
 from medautolabel.catalog.modelcard import ModelCard
 from medautolabel.errors import Cancelled
 from medautolabel.io.atomic import atomic_output
+from medautolabel.io.case_labels import quoted
 from medautolabel.runtime.device import autocast, select_device
 from medautolabel.training import distributed
 from medautolabel.training.cache import CaseStore, build_cache, default_cache_path
-from medautolabel.training.classifier_run import classifier_only_card, train_classifiers, write_model_files
-from medautolabel.training.config import (
-    ClassifierTraining,
-    ConfigError,
-    TrainConfig,
-    apply_overrides,
-    classifier_specs,
-    device_defaults,
-    load_config,
-)
-from medautolabel.training.data import load_dataset, split
-from medautolabel.training.export import Plan, grow_state_dict, plan_model, state_sha256, write_model
+from medautolabel.training.classifier_run import train_classifiers, write_model_files
+from medautolabel.training.config import ConfigError, TrainConfig, apply_overrides, device_defaults, load_config
+from medautolabel.training.data import split, unlabelled
+from medautolabel.training.export import Plan, grow_state_dict, state_sha256, write_model
 from medautolabel.training.losses import EvidenceMax, evidence_loss, segmentation_loss
+from medautolabel.training.preflight import Setup, config_file, prepare
 from medautolabel.training.transforms import PatchSampler, bag_box, read_box
 from medautolabel.training.validate import validate
 
@@ -260,7 +254,6 @@ def train(data: Union[str, Path], model_dir: Union[str, Path],
 
 def _train(data, model_dir: Path, config, base, dev: torch.device, overrides, resume: bool, cache_path, command,
            say: LogFn, progress, cancel, stop_after_epochs, dist: distributed.Dist, t_start: float) -> TrainResult:
-    from medautolabel.catalog.registry import resolve_model
     from medautolabel.labelling.pipeline import software_versions
     from medautolabel.runtime.network import build_network, read_state_dict
 
@@ -270,12 +263,14 @@ def _train(data, model_dir: Path, config, base, dev: torch.device, overrides, re
                               if dist.enabled and dev.type == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
-    dataset = load_dataset(data)
-    base_card = resolve_model(base) if base else None
-    specs = classifier_specs(cfg)
-    if not cfg.train_segmentation or any(c.label is None for c in dataset.cases):
-        return _classifiers_only(dataset, cfg, specs, base_card, model_dir, dev, say, cancel, command, dist, t_start)
-    plan: Plan = plan_model(cfg, dataset, base_card, model_dir)
+    setup = prepare(data, cfg, base, model_dir, run_dir / "config.json" if resume else config_file(config))
+    dataset, base_card = setup.dataset, setup.base_card
+    for task, n in unlabelled(dataset).items():
+        say(f"note: {n} case(s) have no label for task {quoted(task)}: they sit out that task")
+    if not setup.segmentation:
+        return _classifiers_only(setup, cfg, model_dir, dev, say, cancel, command, dist, t_start)
+    plan: Plan = setup.plan
+    specs = setup.specs
     for note in plan.warnings:
         say(f"note: {note}")
     card = ModelCard.from_dict(plan.card)
@@ -505,7 +500,7 @@ def _train(data, model_dir: Path, config, base, dev: torch.device, overrides, re
             f"{seconds:.0f} s)")
         if specs:
             card_dict = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
-            card_dict, states = train_classifiers(dataset, cfg, specs, card_dict, dev, say, cancel)
+            card_dict, states = train_classifiers(dataset, cfg, specs, card_dict, dev, say, cancel, setup.config_path)
             write_model_files(model_dir, card_dict, states, {})
             say(f"classifiers written to {model_dir} ({time.perf_counter() - t_start:.0f} s in all)")
     hash_dir = os.environ.get(HASH_ENV)
@@ -516,26 +511,20 @@ def _train(data, model_dir: Path, config, base, dev: torch.device, overrides, re
     return TrainResult(model_dir, epochs_run, best_epoch, best_metrics, seconds, stopped, history)
 
 
-def _classifiers_only(dataset, cfg: TrainConfig, specs, base_card: Optional[ModelCard], model_dir: Path,
-                      dev: torch.device, say: LogFn, cancel, command, dist: distributed.Dist,
-                      t_start: float) -> TrainResult:
+def _classifiers_only(setup: Setup, cfg: TrainConfig, model_dir: Path, dev: torch.device, say: LogFn, cancel,
+                      command, dist: distributed.Dist, t_start: float) -> TrainResult:
     """No segmentation training (a dataset without masks, or ``train_segmentation: false``): classifiers only.
 
-    Every task of the dataset without a ``classifiers`` entry gets the default classifier.
+    Every task of the dataset without a ``classifiers`` entry gets the default classifier (``classifier_plan``).
     """
     from medautolabel.labelling.pipeline import software_versions
 
     if dist.enabled:
         raise ConfigError("classifier training runs in one process: start it without torchrun")
+    dataset, base_card, specs, card_dict = setup.dataset, setup.base_card, setup.specs, setup.card
     if not cfg.train_segmentation and base_card is None and all(c.label is not None for c in dataset.cases):
         say("note: train_segmentation is false and no --from model is given: the model will classify only")
-    listed = {s.task for s in specs}
-    specs = list(specs) + [ClassifierTraining(task=t) for t in dataset.classes if t not in listed]
-    if not specs:
-        raise ConfigError("nothing to train: the dataset has no masks and no case labels (labels.csv or "
-                          "\"classes\" in dataset.json)", dataset.root)
-    card_dict, copies = classifier_only_card(cfg, dataset, base_card, model_dir)
-    card_dict, states = train_classifiers(dataset, cfg, specs, card_dict, dev, say, cancel)
+    card_dict, states = train_classifiers(dataset, cfg, specs, card_dict, dev, say, cancel, setup.config_path)
     seconds = time.perf_counter() - t_start
     card_dict["provenance"] = dict(card_dict.get("provenance") or {}, classifiers_trained_by={
         "command": command or "medautolabel.training.train()",
@@ -543,7 +532,7 @@ def _classifiers_only(dataset, cfg: TrainConfig, specs, base_card: Optional[Mode
         "base_model": None if base_card is None else {"id": base_card.id, "version": base_card.version},
         "device": str(dev), "duration_s": round(seconds, 1), "software": software_versions(),
         "dataset": {"name": dataset.name, "cases": len(dataset.cases)}})
-    write_model_files(model_dir, card_dict, states, copies)
+    write_model_files(model_dir, card_dict, states, setup.copies)
     say(f"model written to {model_dir} ({seconds:.0f} s)")
     metrics = card_dict.get("metrics", {}).get("classifiers", {})
     return TrainResult(model_dir, max((m.get("epochs_run", 0) for m in metrics.values()), default=0),
