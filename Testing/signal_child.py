@@ -30,10 +30,10 @@ def hold_at(point: str, mark: Path) -> None:
     original = getattr(module, name)
 
     def held(*args, **kwargs):
-        if run_first:
-            original(*args, **kwargs)
+        result = original(*args, **kwargs) if run_first else None
         mark.touch()
         signal.pause()  # returns once a handler ran: where signals are held, the command goes on to act on it
+        return result if run_first else original(*args, **kwargs)
 
     setattr(module, name, held)
 
