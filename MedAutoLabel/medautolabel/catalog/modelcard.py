@@ -62,6 +62,12 @@ class NetworkSpec:
     weights: str  # file name relative to the model folder
     sha256: Optional[str] = None
 
+    @property
+    def outputs(self) -> Optional[int]:
+        """The number of output channels (``out_channels`` or ``num_classes``), when the parameters say so."""
+        v = self.parameters.get("out_channels", self.parameters.get("num_classes"))
+        return int(v) if isinstance(v, int) and not isinstance(v, bool) else None
+
 
 
 @dataclass
@@ -140,11 +146,7 @@ class ClassificationTask:
     @property
     def out_channels(self) -> Optional[int]:
         """The classifier network's number of outputs, when its parameters say so."""
-        if self.network is None:
-            return None
-        p = self.network.parameters
-        v = p.get("out_channels", p.get("num_classes"))
-        return int(v) if isinstance(v, int) and not isinstance(v, bool) else None
+        return None if self.network is None else self.network.outputs
 
 
 @dataclass
@@ -261,11 +263,7 @@ class ModelCard:
     @property
     def out_channels(self) -> Optional[int]:
         """The network's number of output channels, when its parameters say so."""
-        if self.network is None:
-            return None
-        p = self.network.parameters
-        v = p.get("out_channels", p.get("num_classes"))
-        return int(v) if isinstance(v, int) and not isinstance(v, bool) else None
+        return None if self.network is None else self.network.outputs
 
 
 # ----------------------------------------------------------------------------- helpers

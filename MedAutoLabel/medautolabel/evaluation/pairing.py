@@ -11,7 +11,7 @@ import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -66,19 +66,8 @@ def tags_files(path: PathLike) -> Dict[str, Path]:
         if name is None or not tags.is_file():
             raise InputError("no <case>.tags.json prediction to compare with the classes of labels.csv", p)
         return {name: tags}
-    if not p.is_dir():
-        raise InputError("no such file or folder", p)
-    out: Dict[str, Path] = {}
-    for f in sorted(p.iterdir()):
-        name = tags_case(f)
-        if name is None or f.name.startswith("."):
-            continue
-        if name in out:
-            raise InputError(f"two tags files for case {name!r}: {out[name].name} and {f.name}", p)
-        out[name] = f
-    if not out:
-        raise InputError("no <case>.tags.json files found (predictions to compare with labels.csv)", p)
-    return out
+    return _files_by_case(p, tags_case, "tags files",
+                          "no <case>.tags.json files found (predictions to compare with labels.csv)")
 
 
 def class_reference_file(ref: PathLike) -> Optional[Path]:
@@ -107,18 +96,25 @@ def labelmap_files(path: PathLike) -> Dict[str, Path]:
         if name is None:
             raise InputError("not a labelmap file (.seg.nrrd, .nii.gz, .nii, .nrrd, .mha)", p)
         return {name: p}
-    if not p.is_dir():
-        raise InputError("no such file or folder", p)
+    return _files_by_case(p, case_name, "labelmaps", "no labelmap files found")
+
+
+def _files_by_case(folder: Path, name_of: Callable[[Path], Optional[str]], what: str,
+                   none_found: str) -> Dict[str, Path]:
+    """Case name -> file of a folder (not recursive, hidden files left out) whose ``name_of`` is a case;
+    two files of one case, or none at all, are refused."""
+    if not folder.is_dir():
+        raise InputError("no such file or folder", folder)
     out: Dict[str, Path] = {}
-    for f in sorted(p.iterdir()):
-        name = case_name(f)
+    for f in sorted(folder.iterdir()):
+        name = name_of(f)
         if name is None or f.name.startswith("."):
             continue
         if name in out:
-            raise InputError(f"two labelmaps for case {name!r}: {out[name].name} and {f.name}", p)
+            raise InputError(f"two {what} for case {name!r}: {out[name].name} and {f.name}", folder)
         out[name] = f
     if not out:
-        raise InputError("no labelmap files found", p)
+        raise InputError(none_found, folder)
     return out
 
 
