@@ -82,8 +82,8 @@ def evaluate_classes(model: str, first_seed: int, cases: int, device: str = "cpu
     from medautolabel.runtime.device import select_device
 
     card = resolve_model(model)
-    if any(t.method != "network" or t.input.region != "whole" for t in card.classification):
-        raise SystemExit("--classes-only needs classifier networks on the whole image")
+    if any(t.method != "network" or t.input.needs_segment for t in card.classification):
+        raise SystemExit("--classes-only needs classifier networks that look at the image, not at a segment")
     dev = select_device(device)
     rows = []
     iterator = balanced_phantoms(first_seed, cases)

@@ -22,7 +22,8 @@ ARCHITECTURES = ("UNet", "SegResNet", "DynUNet", "BasicUNet", "TorchScript")  # 
 # whole-volume classifiers (MONAI, spatial_dims 3) a classification task may run
 CLASSIFIER_ARCHITECTURES = ("DenseNet121", "ResNet", "SEResNet50", "EfficientNetBN", "TorchScript")
 CLASSIFIER_METHODS = ("voxel_evidence", "network")
-REGIONS = ("whole", "segment", "components")  # what a classifier network looks at
+REGIONS = ("whole", "tiles", "segment", "components")  # what a classifier network looks at
+SEGMENT_REGIONS = ("segment", "components")  # regions boxed around one of the model's segments
 COMBINE = ("max", "mean")  # how the answers for several regions (components) become one
 MODALITIES = ("CT", "MR", "PT", "US", "XA", "OTHER")
 _AXIS_PAIRS = ({"R", "L"}, {"A", "P"}, {"S", "I"})
@@ -105,8 +106,10 @@ class LabelSpec:
 class ClassifierInput:
     """What a classifier network looks at, resampled to ``shape`` (k, j, i voxels of the card's orientation).
 
-    ``region``: "whole" (the image, cropped to the foreground when the card crops), "segment" (a
-    box around the model's own segment ``segment``) or "components" (a box around each connected
+    ``region``: "whole" (the image, cropped to the foreground when the card crops), "tiles" (that
+    foreground cut into overlapping boxes of ``shape`` voxels at ``spacing``, classified one by one
+    and combined by ``combine``: multiple-instance learning for small findings), "segment" (a box
+    around the model's own segment ``segment``) or "components" (a box around each connected
     component of it, classified one by one and combined by ``combine``); ``margin_mm`` widens a
     segment's box on every side. ``spacing`` (mm, i, j, k): a box of ``shape`` voxels at this
     spacing centred on the region instead of the region squeezed into ``shape``. ``channels``:
@@ -120,6 +123,11 @@ class ClassifierInput:
     margin_mm: float = 10.0
     combine: str = "max"
     channels: Optional[List[InputChannel]] = None
+
+    @property
+    def needs_segment(self) -> bool:
+        """True when the regions are boxed around one of the model's segments (a mask is needed)."""
+        return self.region in SEGMENT_REGIONS
 
 
 @dataclass
@@ -685,10 +693,12 @@ def _parse_classifier_input(c: _Ctx, d: Dict[str, Any], w: str) -> ClassifierInp
             isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= 1024 for x in shape)):
         raise c.fail(f"{w}.shape", f"expected 3 integers in 1..1024 (voxels k, j, i), got {_short(shape)}")
     segment = c.text(d, "segment", w, None)
-    if region == "whole" and segment is not None:
-        raise c.fail(f"{w}.segment", "given, but region \"whole\" looks at the whole image")
-    if region != "whole" and segment is None:
+    if region not in SEGMENT_REGIONS and segment is not None:
+        raise c.fail(f"{w}.segment", f"given, but region {region!r} looks at the whole image")
+    if region in SEGMENT_REGIONS and segment is None:
         raise c.fail(f"{w}.segment", f"missing (region {region!r} is a box around one of the model's segments)")
+    if region == "tiles" and d.get("spacing") is None:
+        raise c.fail(f"{w}.spacing", "missing (region \"tiles\" cuts the image into boxes of shape x spacing mm)")
     combine = c.text(d, "combine", w, "max")
     if combine not in COMBINE:
         raise c.fail(f"{w}.combine", f"expected one of {', '.join(COMBINE)}, got {_short(combine)}")

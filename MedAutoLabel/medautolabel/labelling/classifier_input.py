@@ -56,20 +56,21 @@ def _grow(box: Box, margin_mm: float, spacing_kji: np.ndarray, shape: Sequence[i
 
 
 def region_boxes(image: Image, labelmap: Optional[Image], card: ModelCard, task: ClassificationTask) -> List[Box]:
-    """(k, j, i) boxes of the input grid to classify: one for "whole" and "segment", one per component.
+    """(k, j, i) boxes of the input grid to classify: one for "whole" and "segment", one per tile or component.
 
     An empty segment gives no box (the caller reports the task's first class). ``labelmap`` is on
     the image's grid (the model's own output when labelling, the reference when training).
     """
     spec = task.input
     spacing_kji = np.asarray(image.spacing[::-1], dtype=np.float64)
-    if spec.region == "whole":
+    if not spec.needs_segment:
         crop = card.preprocessing.crop_foreground
         box = None
         if crop is not None:
             margin = [math.ceil(crop.margin_mm / s) for s in spacing_kji]
             box = foreground_box(image.array, crop.threshold, margin, spacing_kji, MIN_BODY_PART)
-        return [box or _full(image.array.shape)]
+        box = box or _full(image.array.shape)
+        return tiles(image, box, card, task) if spec.region == "tiles" else [box]
     if labelmap is None:
         return []
     value = next(lab.value for lab in card.labels if lab.name == spec.segment)
@@ -84,6 +85,32 @@ def region_boxes(image: Image, labelmap: Optional[Image], card: ModelCard, task:
     keep = np.argsort(-sizes, kind="stable")[:MAX_COMPONENTS] + 1
     found = ndimage.find_objects(parts)
     return [_grow(found[k - 1], spec.margin_mm, spacing_kji, image.array.shape) for k in sorted(keep.tolist())]
+
+
+def tiles(image: Image, box: Box, card: ModelCard, task: ClassificationTask) -> List[Box]:
+    """``box`` cut into equal parts, as few per axis as tiles of ``shape`` x ``spacing`` mm need to cover it.
+
+    Cut on the image reoriented to the card's orientation (where the tile's size is known per axis)
+    and mapped back: ``region_grid`` centres a tile on each part, so neighbouring tiles overlap
+    wherever the box is not a whole number of tiles long.
+    """
+    spec = task.input
+    shape_ijk = np.array(spec.shape if card.preprocessing.axis_order == "ijk" else spec.shape[::-1], dtype=float)
+    tile_mm = shape_ijk * np.asarray(spec.spacing, dtype=float)
+    values, matrix = reorient(image.array, image.ijk_to_ras, card.preprocessing.orientation or "RAS")
+    on = box_on_grid(box, image.ijk_to_ras, values.shape, matrix)
+    spacing = np.linalg.norm(matrix[:3, :3], axis=0)
+    extent_kji = [(sl.stop - sl.start) * sp for sl, sp in zip(on, spacing[::-1])]
+    counts = [max(1, int(math.ceil(e / t - 1e-6))) for e, t in zip(extent_kji, tile_mm[::-1])]
+    parts = []
+    for index in np.ndindex(*counts):
+        sub = []
+        for sl, n, i in zip(on, counts, index):
+            edges = np.linspace(sl.start, sl.stop, n + 1)
+            lo, hi = int(round(edges[i])), int(round(edges[i + 1]))
+            sub.append(slice(lo, max(hi, lo + 1)))
+        parts.append(box_on_grid(tuple(sub), matrix, image.array.shape, image.ijk_to_ras))
+    return parts
 
 
 def region_grid(image: Image, box: Box, card: ModelCard, task: ClassificationTask

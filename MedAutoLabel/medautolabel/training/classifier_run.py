@@ -95,7 +95,7 @@ def _task_card(spec: ClassifierTraining, key: str, dataset: Dataset, card_dict: 
         raise ConfigError(f"key '{key}': {e.problem}", config_path) from None
     task = next(t for t in card.classification if t.task == spec.task)
     needy = [c for c in dataset.all_cases() if spec.task in c.classes and c.label is None]
-    if task.input.region != "whole" and needy:
+    if task.input.needs_segment and needy:
         raise ConfigError(f"key '{key}.input.region': task {spec.task!r} looks at segment {task.input.segment!r}, "
                           f"which needs a mask for every case labelled for the task ({len(needy)} have none)",
                           config_path)
@@ -137,7 +137,7 @@ def _reference(case: Case, card: ModelCard, dataset: Dataset) -> Optional[Image]
 def _inputs(cases: Sequence[Case], card: ModelCard, task, dataset: Dataset) -> Iterator[Tuple[Image, Optional[Image], int]]:
     """(image, reference labelmap or None, class index) per case, read one at a time."""
     for c in cases:
-        needs_mask = task.input.region != "whole"
+        needs_mask = task.input.needs_segment
         yield (read_image(c.image), _reference(c, card, dataset) if needs_mask else None,
                list(task.classes).index(c.classes[task.task]))
 
