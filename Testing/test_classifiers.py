@@ -4,7 +4,7 @@ calibration by temperature, and a tiny classifier trained and used end to end.
 1. A classifier card round-trips; every broken field is one line naming the file and the field,
    from ``ModelCard.load`` and from ``medautolabel label`` (exit 2, nothing written); weights
    that do not fit and a wrong sha256 are refused when loaded.
-2. Regions ("whole", "segment", "components") hold the physical place they should on oblique,
+2. Regions ("whole", "tiles", "segment", "components") hold the physical place they should on oblique,
    flipped, permuted and anisotropic grids: a bright blob at a known RAS point is inside its
    region and bright at the voxel the region's matrix maps that point to.
 3. Decisions: thresholds, max/mean over components, sigmoid findings, temperature, with networks
@@ -335,7 +335,7 @@ def region_card(region: str, axis_order: str = "kji", orientation: str = "RAS", 
     d["preprocessing"].update(axis_order=axis_order, orientation=orientation,
                               crop_foreground={"threshold": -500, "margin_mm": 2})
     spec = {"region": region, "shape": [16, 18, 20], "margin_mm": 1.0, **inputs}
-    if region != "whole":
+    if region in ("segment", "components"):
         spec["segment"] = "Vessel"
     d["classification"] = [classifier_entry(in_channels=1, input=spec)]
     return ModelCard.from_dict(d)
@@ -397,6 +397,39 @@ def test_segment_region_boxes_every_component(grid_name, axis_order, orientation
     assert region.contains(BLOB_A) and region.contains(BLOB_B) and not region.contains(far_corner(image))
     assert at(region, BLOB_A) > 0.9 and at(region, BLOB_B) > 0.9
     assert at(region, (BLOB_A + BLOB_B) / 2) == pytest.approx(0.5, abs=0.02)  # soft tissue between them
+
+
+@pytest.mark.parametrize("grid_name,axis_order,orientation", ORIENTED, ids=ORIENTED_IDS)
+def test_tiles_cover_the_foreground(grid_name, axis_order, orientation):
+    """Tiles of 8 x 9 x 10 voxels at 1.5 mm (12 x 13.5 x 15 mm) on the 28 mm body ball (+ 2 mm): more
+    than one per axis, each at the card's spacing, together covering every point of the ball, each
+    blob bright in the tiles that hold it."""
+    image, _ = blob_case(grid_name)
+    card = region_card("tiles", axis_order, orientation, shape=[8, 9, 10], spacing=[1.5, 1.5, 1.5])
+    regions = classifier_inputs(image, None, card, card.classification[0])
+    assert len(regions) >= 8
+    for r in regions:
+        np.testing.assert_allclose(np.linalg.norm(r.ijk_to_ras[:3, :3], axis=0), [1.5, 1.5, 1.5])
+    xyz = ras_coords(image.array.shape, image.ijk_to_ras).reshape(-1, 3)
+    ball = xyz[np.linalg.norm(xyz, axis=1) < BODY_RADIUS]
+    pick = ball[np.random.default_rng(0).choice(len(ball), 300, replace=False)]
+    assert all(any(r.contains(p) for r in regions) for p in pick)
+    for blob in (BLOB_A, BLOB_B):
+        holders = [r for r in regions if r.contains(blob)]
+        assert holders and all(at(r, blob) > 0.9 for r in holders)
+    assert not any(r.contains(far_corner(image)) for r in regions)
+
+
+def test_tiles_need_a_spacing_and_no_segment(tmp_path):
+    for inputs, field, problem in (({"region": "tiles", "shape": [8, 8, 8]}, "spacing", "missing"),
+                                   ({"region": "tiles", "shape": [8, 8, 8], "spacing": [1, 1, 1],
+                                     "segment": "Vessel"}, "segment", "looks at the whole image")):
+        d = card_dict()
+        d["classification"].append(classifier_entry(input=inputs))
+        path = write_card(tmp_path / "m", d)
+        with pytest.raises(ModelError) as info:
+            ModelCard.load(path)
+        assert f"field 'classification[1].input.{field}': " in str(info.value) and problem in str(info.value)
 
 
 def region_centre(region) -> np.ndarray:
