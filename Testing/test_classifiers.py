@@ -147,6 +147,7 @@ BROKEN_CLASSIFIERS = [
     ("classes-vs-outputs", _set("network.parameters.num_classes", 3), f"{C1}.classes", "network has 3 output(s)"),
     ("no-output-count", lambda d: d["classification"][1]["network"]["parameters"].pop("num_classes"),
      f"{C1}.network.parameters", "expected 'out_channels' or 'num_classes'"),
+    ("task-with-slash", _set("task", "lesion/size"), f"{C1}.task", "without \"/\""),
     ("temperature-0", _set("temperature", 0), f"{C1}.temperature", "expected a number > 0"),
     ("temperature-negative", _set("temperature", -1), f"{C1}.temperature", "expected a number > 0"),
     ("threshold-1", _set("thresholds", {"present": 1.0}), f"{C1}.thresholds.present", "between 0 and 1"),

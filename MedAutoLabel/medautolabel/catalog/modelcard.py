@@ -620,6 +620,8 @@ _TASK_FIELDS = ["task", "classes", "method", "channel", "activation", "smoothing
 
 def _parse_task(c: _Ctx, v: Any, where: str) -> ClassificationTask:
     d = c.obj(v, where, _TASK_FIELDS)
+    if "/" in c.text(d, "task", where):  # "/" joins a sigmoid task and its finding: "<task>/<class>"
+        raise c.fail(f"{where}.task", f"expected a name without \"/\", got {_short(d['task'])}")
     method = c.text(d, "method", where, "voxel_evidence")
     if method not in CLASSIFIER_METHODS:
         raise c.fail(f"{where}.method", f"expected one of {', '.join(CLASSIFIER_METHODS)}, got {_short(method)}")
@@ -694,7 +696,7 @@ def _parse_classifier_input(c: _Ctx, d: Dict[str, Any], w: str) -> ClassifierInp
         raise c.fail(f"{w}.shape", f"expected 3 integers in 1..1024 (voxels k, j, i), got {_short(shape)}")
     segment = c.text(d, "segment", w, None)
     if region not in SEGMENT_REGIONS and segment is not None:
-        raise c.fail(f"{w}.segment", f"given, but region {region!r} looks at the whole image")
+        raise c.fail(f"{w}.segment", f"given, but region \"{region}\" looks at the whole image")
     if region in SEGMENT_REGIONS and segment is None:
         raise c.fail(f"{w}.segment", f"missing (region {region!r} is a box around one of the model's segments)")
     if region == "tiles" and d.get("spacing") is None:
