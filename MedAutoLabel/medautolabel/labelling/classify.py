@@ -77,32 +77,44 @@ def _tag(task: ClassificationTask, name: str, probabilities: Dict[str, float], l
                           low_confidence=p < threshold, method=task.method, validated=task.validated)
 
 
+def calibrated(task: ClassificationTask, logits: torch.Tensor, temperature: Optional[float] = None) -> torch.Tensor:
+    """(regions, classes) probabilities: the logits divided by the temperature (the task's, unless given),
+    then softmax or sigmoid. Training calls it with trial temperatures while fitting one."""
+    scaled = logits / float(task.temperature if temperature is None else temperature)
+    return torch.softmax(scaled, dim=1) if task.activation == "softmax" else torch.sigmoid(scaled)
+
+
 def network_probabilities(task: ClassificationTask, regions: Sequence[Region], network: torch.nn.Module,
-                          device: torch.device) -> np.ndarray:
-    """(regions, classes) calibrated probabilities: logits / temperature, then softmax or sigmoid (float32)."""
+                          device: torch.device) -> torch.Tensor:
+    """(regions, classes) calibrated probabilities of the task's network on ``regions`` (float32, CPU)."""
     batch = torch.stack([r.tensor for r in regions]).to(device)
     with torch.inference_mode(), float32_arithmetic():
         logits = first_output(network(batch)).float().reshape(len(regions), -1)
     if logits.shape[1] != len(task.classes):
         raise ModelError(f"classifier {printable(task.task)!r} gives {logits.shape[1]} outputs for "
                          f"{len(task.classes)} classes", None)
-    logits = logits / float(task.temperature)
-    probs = torch.softmax(logits, dim=1) if task.activation == "softmax" else torch.sigmoid(logits)
-    return probs.cpu().numpy().astype(np.float64)
+    return calibrated(task, logits).cpu()
 
 
-def combine(task: ClassificationTask, probabilities: np.ndarray) -> np.ndarray:
-    """One probability row from several regions: their mean, or (``max``) the most abnormal region's row.
+def combine(task: ClassificationTask, probabilities: torch.Tensor) -> torch.Tensor:
+    """One probability row from a (regions, classes) tensor: their mean, or (``max``) the most abnormal region's row.
 
     For softmax "most abnormal" is the region least likely to be the first class (e.g. "absent"),
     so that one component with a finding makes the image's finding; for sigmoid each finding
-    takes its maximum over the regions.
+    takes its maximum over the regions. No region at all (an absent segment): nothing to
+    classify, so softmax says the first class with probability 1 and sigmoid no finding. Training
+    combines the same way (``training/classifier.py``), its gradient flowing through the row chosen.
     """
+    if probabilities.shape[0] == 0:
+        row = torch.zeros(len(task.classes), dtype=probabilities.dtype, device=probabilities.device)
+        if task.activation == "softmax":
+            row[0] = 1.0
+        return row
     if task.input.combine == "mean":
-        return probabilities.mean(axis=0)
+        return probabilities.mean(dim=0)
     if task.activation == "sigmoid":
-        return probabilities.max(axis=0)
-    return probabilities[int(np.argmin(probabilities[:, 0]))]
+        return probabilities.max(dim=0).values
+    return probabilities[int(torch.argmin(probabilities[:, 0].detach()))]
 
 
 def classify(card: ModelCard, image: Image, labelmap: Optional[Image], device: torch.device,
@@ -128,14 +140,11 @@ def classify(card: ModelCard, image: Image, labelmap: Optional[Image], device: t
             out.append(_tag(task, task.task, probs, decide(task, probs), threshold))
             continue
         regions = classifier_inputs(image, labelmap, card, task)
-        if not regions:
-            row = np.zeros(len(task.classes))
-            if task.activation == "softmax":
-                row[0] = 1.0
-        else:
+        probs = torch.zeros((0, len(task.classes)))
+        if regions:
             net = networks(task) if networks is not None else load_classifier(card, task, device)
-            row = combine(task, network_probabilities(task, regions, net, device))
-        out += tags(task, row, threshold)
+            probs = network_probabilities(task, regions, net, device)
+        out += tags(task, combine(task, probs).double().tolist(), threshold)
     return out
 
 

@@ -26,6 +26,7 @@ from medautolabel.catalog.modelcard import ClassificationTask, ModelCard
 from medautolabel.evaluation.metrics import expected_calibration_error, roc_auc
 from medautolabel.image import Image
 from medautolabel.labelling.classifier_input import classifier_inputs
+from medautolabel.labelling.classify import calibrated, combine
 from medautolabel.runtime.device import float32_arithmetic
 from medautolabel.runtime.network import build_from_spec, first_output
 from medautolabel.training.config import ClassifierTraining, ConfigError
@@ -117,28 +118,20 @@ def _augment(spec: ClassifierTraining, seed: int):
 
 def case_probabilities(logits: torch.Tensor, counts: Sequence[int], task: ClassificationTask,
                        temperature: float = 1.0) -> torch.Tensor:
-    """(cases, classes) probabilities from the logits of every case's regions, combined as labelling does.
+    """(cases, classes) probabilities from the logits of every case's regions, calibrated and combined
+    exactly as labelling does (``classify.calibrated`` and ``classify.combine``).
 
-    A case without regions gets its first class with probability 1 (classify.py does the same).
     One softmax over every region, and a Python step only for cases without or with several regions
     (``fit_temperature`` calls this for each of its 400 temperatures).
     """
-    every = torch.softmax(logits / temperature, dim=1)
+    every = calibrated(task, logits, temperature)
     if all(n == 1 for n in counts):  # whole image or one segment: a case's row is its region's
         return every
     rows = []
     start = 0
     for n in counts:
-        if n == 0:
-            row = torch.zeros(len(task.classes), dtype=logits.dtype, device=logits.device)
-            rows.append(row.index_fill(0, torch.tensor([0], device=logits.device), 1.0))
-            continue
-        probs = every[start:start + n]
+        rows.append(combine(task, every[start:start + n]))
         start += n
-        if task.input.combine == "mean":
-            rows.append(probs.mean(dim=0))
-        else:
-            rows.append(probs[int(torch.argmin(probs[:, 0].detach()))])
     return torch.stack(rows)
 
 
